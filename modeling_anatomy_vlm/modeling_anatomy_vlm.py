@@ -1,0 +1,571 @@
+"""Anatomy-VLM: a ViT whose sequence is [CLS] + patches + one learnable query per anatomical region.
+
+Each anatomy query predicts its region's box (query i is region i) and, concatenated with the mean patch
+token, its region embedding; [CLS] gives the global embedding. Both are aligned with a frozen text encoder
+through a trainable projection (arXiv 2511.08402).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_anatomy_vlm import AnatomyVLMConfig, resolve_text_encoder_path
+from .loss_anatomy_vlm import detection_loss, global_finding_loss, region_phrase_contrastive_loss
+
+
+@dataclass
+class AnatomyVLMOutput(ModelOutput):
+    """
+    Outputs of [`AnatomyVLMModel.forward`]. B = batch, Q = anatomy queries (29), D = projection dim,
+    F = findings given, T = phrases given, N = patches.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted sum of the loss terms whose targets were given.
+        loss_anatomy, loss_global, loss_fine (`torch.FloatTensor` of shape `()`, *optional*):
+            Detection (weighted L1 + GIoU), image-finding sigmoid and region-phrase InfoNCE terms (unweighted
+            by the config's objective weights).
+        pred_boxes (`torch.FloatTensor` of shape `(B, Q, 4)`):
+            Normalised (cx, cy, w, h) of each region in the processed (resized + padded) image. Map them to
+            original pixels with `AnatomyVLMImageProcessor.post_process_boxes`.
+        image_embeds (`torch.FloatTensor` of shape `(B, D)`): L2-normalised global ([CLS]) embeddings.
+        region_embeds (`torch.FloatTensor` of shape `(B, Q, D)`): L2-normalised region embeddings.
+        global_logits (`torch.FloatTensor` of shape `(B, F)`, *optional*):
+            Image-vs-finding logits (sigmoid gives the probability of each finding).
+        region_logits (`torch.FloatTensor` of shape `(B, Q, T)`, *optional*): Region-vs-phrase logits.
+        last_hidden_state (`torch.FloatTensor` of shape `(B, 1 + N + Q, hidden)`): final vision tower states.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_anatomy: torch.FloatTensor | None = None
+    loss_global: torch.FloatTensor | None = None
+    loss_fine: torch.FloatTensor | None = None
+    pred_boxes: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    global_logits: torch.FloatTensor | None = None
+    region_logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+def _mlp_hidden_size(vision_config) -> int:
+    if vision_config.model_type == "dinov2":
+        return int(vision_config.hidden_size * vision_config.mlp_ratio)
+    return vision_config.intermediate_size
+
+
+class AnatomyVisionEmbeddings(nn.Module):
+    """Patch embedding + [CLS] + learned position embeddings (ViT / DINOv2 layout)."""
+
+    def __init__(self, vision_config):
+        super().__init__()
+        hidden = vision_config.hidden_size
+        self.patch_size = vision_config.patch_size
+        self.grid_size = vision_config.image_size // vision_config.patch_size
+        self.patch_embed = nn.Conv2d(vision_config.num_channels, hidden, self.patch_size, stride=self.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, hidden))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # [B, N, hidden]
+        if patches.shape[1] != self.grid_size**2:
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} do not match the model's "
+                f"{self.grid_size * self.patch_size} px input; use AnatomyVLMImageProcessor"
+            )
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embeddings
+
+
+class AnatomyQueries(nn.Module):
+    """One learnable token per anatomical region; row i is region `config.region_names[i]`."""
+
+    def __init__(self, num_queries: int, hidden_size: int):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embeddings.expand(batch_size, -1, -1)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, hidden_size: int, init_value: float):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((hidden_size,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.lambda1
+
+
+class AnatomyVisionAttention(nn.Module):
+    def __init__(self, vision_config):
+        super().__init__()
+        hidden = vision_config.hidden_size
+        self.num_heads = vision_config.num_attention_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=vision_config.qkv_bias)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)  # SDPA picks flash / memory-efficient kernels
+        return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class AnatomyVisionBlock(nn.Module):
+    """Pre-norm transformer block; DINOv2 towers add LayerScale after attention and MLP."""
+
+    def __init__(self, vision_config):
+        super().__init__()
+        hidden = vision_config.hidden_size
+        self.norm1 = nn.LayerNorm(hidden, eps=vision_config.layer_norm_eps)
+        self.attn = AnatomyVisionAttention(vision_config)
+        self.norm2 = nn.LayerNorm(hidden, eps=vision_config.layer_norm_eps)
+        self.fc1 = nn.Linear(hidden, _mlp_hidden_size(vision_config))
+        self.act = ACT2FN[vision_config.hidden_act]
+        self.fc2 = nn.Linear(_mlp_hidden_size(vision_config), hidden)
+        use_layer_scale = vision_config.model_type == "dinov2"
+        self.ls1 = LayerScale(hidden, vision_config.layerscale_value) if use_layer_scale else nn.Identity()
+        self.ls2 = LayerScale(hidden, vision_config.layerscale_value) if use_layer_scale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.fc2(self.act(self.fc1(self.norm2(x)))))
+
+
+class AnatomyVisionTransformer(nn.Module):
+    """One self-attention stack over `[CLS] + patches + anatomy queries`."""
+
+    def __init__(self, config: AnatomyVLMConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.embeddings = AnatomyVisionEmbeddings(vision_config)
+        self.anatomy_queries = AnatomyQueries(config.num_anatomy_queries, vision_config.hidden_size)
+        self.blocks = nn.ModuleList(AnatomyVisionBlock(vision_config) for _ in range(vision_config.num_hidden_layers))
+        self.norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixel_values)
+        x = torch.cat([x, self.anatomy_queries(x.shape[0])], dim=1)  # [B, 1 + N + Q, hidden]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+class AnatomyBoxHead(nn.Module):
+    """MLP from an anatomy token to its box, normalised (cx, cy, w, h) in [0, 1]."""
+
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        dims = [hidden_size] * num_layers + [4]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, anatomy_tokens: torch.Tensor) -> torch.Tensor:
+        x = anatomy_tokens
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x.sigmoid()
+
+
+class AnatomyVLMPreTrainedModel(PreTrainedModel):
+    config_class = AnatomyVLMConfig
+    config: AnatomyVLMConfig
+    base_model_prefix = "anatomy_vlm"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["AnatomyVisionBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, AnatomyVisionEmbeddings):
+            nn.init.trunc_normal_(module.cls_token, std=std)
+            nn.init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, AnatomyQueries):
+            nn.init.trunc_normal_(module.embeddings, std=std)
+        elif isinstance(module, LayerScale):
+            module.lambda1.fill_(self.config.vision_config.layerscale_value)
+        elif isinstance(module, AnatomyVLMModel):
+            module.logit_scale_global.fill_(self.config.logit_scale_init_value)
+            module.logit_bias_global.fill_(self.config.global_logit_bias_init_value)
+            module.logit_scale_fine.fill_(self.config.logit_scale_init_value)
+        elif isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        self.vision_model.gradient_checkpointing = enable
+
+
+class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
+    """
+    Anatomy-VLM: detection of the configured anatomical regions, region and image embeddings, and zero-shot
+    region-wise finding scores against a frozen text encoder.
+
+    A fresh model (`AnatomyVLMModel(config)`) has random weights everywhere; `from_encoders` loads the pretrained
+    text encoder (and optionally a ViT / DINOv2 checkpoint into the vision tower). `from_pretrained` restores a
+    saved Anatomy-VLM checkpoint, text tower included.
+    """
+
+    def __init__(self, config: AnatomyVLMConfig):
+        super().__init__(config)
+        hidden = config.vision_config.hidden_size
+        self.vision_model = AnatomyVisionTransformer(config)
+        self.box_head = AnatomyBoxHead(hidden, config.box_head_layers)
+        self.visual_projection = nn.Linear(hidden, config.projection_dim, bias=False)
+        self.region_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
+        self.text_model = AutoModel.from_config(config.text_config, add_pooling_layer=False)
+        self.text_model.requires_grad_(False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale_global = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.logit_bias_global = nn.Parameter(torch.tensor(config.global_logit_bias_init_value))
+        self.logit_scale_fine = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self._text_embed_cache: dict[str, torch.Tensor] = {}
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def from_encoders(cls, config: AnatomyVLMConfig, vision_model_name_or_path: str | None = None):
+        """A new model with the pretrained text encoder of `config.text_model_name_or_path` and, optionally,
+        a ViT / DINOv2 checkpoint (local folder or Hub id, e.g. RAD-DINO) in the vision tower."""
+        model = cls(config)
+        model.load_text_encoder()
+        if vision_model_name_or_path is not None:
+            model.load_vision_encoder(vision_model_name_or_path)
+        return model
+
+    def load_text_encoder(self, name_or_path: str | None = None):
+        """Copy pretrained weights into the frozen text tower (default: `config.text_model_name_or_path`)."""
+        path = resolve_text_encoder_path(name_or_path or self.config.text_model_name_or_path)
+        pretrained = AutoModel.from_pretrained(path)
+        missing, unexpected = self.text_model.load_state_dict(pretrained.state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"text encoder {path} does not match text_config: missing weights {missing[:5]}")
+        self.text_model.requires_grad_(False)
+        self._text_embed_cache.clear()
+
+    def load_vision_encoder(self, name_or_path: str):
+        """Copy a ViT or DINOv2 checkpoint into the vision tower, interpolating position embeddings to the
+        configured grid. Anatomy queries and heads keep their initialisation."""
+        source = AutoModel.from_pretrained(name_or_path)
+        if source.config.model_type != self.config.vision_config.model_type:
+            raise ValueError(
+                f"{name_or_path} is a {source.config.model_type!r} model but vision_config is "
+                f"{self.config.vision_config.model_type!r}; build the config from that checkpoint's config"
+            )
+        state = _vision_state_from_hf(source.state_dict(), self.config.vision_config.num_hidden_layers, name_or_path)
+        state["embeddings.position_embeddings"] = interpolate_position_embeddings(
+            state["embeddings.position_embeddings"], self.vision_model.embeddings.grid_size
+        )
+        own = self.vision_model.state_dict()
+        not_found = sorted(set(own) - set(state) - {"anatomy_queries.embeddings"})
+        if not_found:
+            raise ValueError(f"{name_or_path}: no weights found for {not_found[:5]} (not a ViT / DINOv2 checkpoint?)")
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise ValueError(f"{name_or_path}: weight {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+        self.vision_model.load_state_dict(state, strict=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_model.eval()  # frozen: no dropout, so cached text embeddings equal live ones
+        return self
+
+    # ----------------------------------------------------------------------------------------------- features
+    def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the vision tower once and return boxes, normalised image and region embeddings and hidden states."""
+        hidden = self.vision_model(pixel_values)  # [B, 1 + N + Q, hidden]
+        num_queries = self.config.num_anatomy_queries
+        cls_token, patch_tokens, anatomy_tokens = hidden[:, 0], hidden[:, 1:-num_queries], hidden[:, -num_queries:]
+        pooled_patches = patch_tokens.mean(dim=1, keepdim=True).expand_as(anatomy_tokens)
+        region_embeds = self.region_projection(torch.cat([anatomy_tokens, pooled_patches], dim=-1))
+        return {
+            "pred_boxes": self.box_head(anatomy_tokens),
+            "image_embeds": F.normalize(self.visual_projection(cls_token), dim=-1),
+            "region_embeds": F.normalize(region_embeds, dim=-1),
+            "last_hidden_state": hidden,
+        }
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, D]` L2-normalised global embeddings."""
+        return self.encode_image(pixel_values)["image_embeds"]
+
+    def get_region_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, Q, D]` L2-normalised region embeddings, row i = `config.region_names[i]`."""
+        return self.encode_image(pixel_values)["region_embeds"]
+
+    @torch.no_grad()
+    def get_text_tower_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[T, text_hidden]` pooled outputs of the frozen text tower: what the text-embedding cache stores."""
+        states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.config.text_pooling == "cls":
+            return states[:, 0]
+        mask = attention_mask[..., None].to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def project_text(self, text_tower_embeds: torch.Tensor) -> torch.Tensor:
+        """`[T, D]` L2-normalised joint-space embeddings from frozen text-tower outputs."""
+        return F.normalize(self.text_projection(text_tower_embeds.to(self.text_projection.weight.dtype)), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`[T, D]` L2-normalised text embeddings."""
+        return self.project_text(self.get_text_tower_embeds(input_ids, attention_mask))
+
+    def _text_embeds(self, input_ids, attention_mask, tower_embeds, name):
+        if tower_embeds is None and input_ids is None:
+            return None
+        if tower_embeds is None:
+            tower_embeds = self.get_text_tower_embeds(input_ids, attention_mask)
+        elif input_ids is not None:
+            raise ValueError(f"give either {name}_input_ids or {name}_text_embeds, not both")
+        return self.project_text(tower_embeds)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        box_mask: torch.Tensor | None = None,
+        finding_labels: torch.Tensor | None = None,
+        finding_input_ids: torch.Tensor | None = None,
+        finding_attention_mask: torch.Tensor | None = None,
+        finding_text_embeds: torch.Tensor | None = None,
+        phrase_input_ids: torch.Tensor | None = None,
+        phrase_attention_mask: torch.Tensor | None = None,
+        phrase_text_embeds: torch.Tensor | None = None,
+        phrase_positive_mask: torch.Tensor | None = None,
+        phrase_negative_mask: torch.Tensor | None = None,
+        phrase_ids: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AnatomyVLMOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, C, S, S]`): from `AnatomyVLMImageProcessor`.
+            boxes (`[B, Q, 4]`, *optional*): true normalised (cx, cy, w, h); with `box_mask` (`[B, Q]` bool)
+                gives `loss_anatomy`.
+            finding_labels (`[B, F]`, *optional*): 1 present / 0 absent / -1 unknown for F finding texts given as
+                `finding_input_ids` + `finding_attention_mask` (`[F, L]`) or as cached frozen-tower outputs
+                `finding_text_embeds` (`[F, text_hidden]`); gives `loss_global`.
+            phrase_positive_mask (`[B, Q, T]` bool, *optional*): region-phrase positives for T phrase texts given
+                as `phrase_input_ids` + `phrase_attention_mask` or `phrase_text_embeds`; `phrase_negative_mask`
+                (same shape; default: all non-positives) and `phrase_ids` (`[T]`, equal ids = identical texts)
+                refine the negatives; gives `loss_fine`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        features = self.encode_image(pixel_values)
+        output = AnatomyVLMOutput(**features)
+        losses = {}
+
+        if boxes is not None:
+            if box_mask is None:
+                box_mask = torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
+            losses["anatomy"], _, _ = detection_loss(
+                features["pred_boxes"], boxes, box_mask, self.config.bbox_l1_weight, self.config.bbox_giou_weight
+            )
+
+        finding_embeds = self._text_embeds(finding_input_ids, finding_attention_mask, finding_text_embeds, "finding")
+        if finding_embeds is not None:
+            output.global_logits = self.global_logits(features["image_embeds"], finding_embeds)
+            if finding_labels is not None:
+                losses["global"] = global_finding_loss(output.global_logits, finding_labels)
+
+        phrase_embeds = self._text_embeds(phrase_input_ids, phrase_attention_mask, phrase_text_embeds, "phrase")
+        if phrase_embeds is not None:
+            output.region_logits = self.region_logits(features["region_embeds"], phrase_embeds)
+            if phrase_positive_mask is not None:
+                losses["fine"] = region_phrase_contrastive_loss(
+                    output.region_logits, phrase_positive_mask, phrase_negative_mask, phrase_ids
+                )
+
+        weights = {
+            "anatomy": self.config.anatomy_loss_weight,
+            "global": self.config.global_loss_weight,
+            "fine": self.config.fine_loss_weight,
+        }
+        for name, value in losses.items():
+            setattr(output, f"loss_{name}", value)
+        if losses:
+            output.loss = sum(weights[name] * value for name, value in losses.items())
+        return output if return_dict else output.to_tuple()
+
+    def global_logits(self, image_embeds: torch.Tensor, finding_embeds: torch.Tensor) -> torch.Tensor:
+        """`[B, F]` sigmoid logits of each finding for each image."""
+        scale = self.logit_scale_global.clamp(max=math.log(100)).exp()
+        return scale * image_embeds @ finding_embeds.T + self.logit_bias_global
+
+    def region_logits(self, region_embeds: torch.Tensor, phrase_embeds: torch.Tensor) -> torch.Tensor:
+        """`[B, Q, T]` contrastive logits of each phrase for each region."""
+        scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
+        return scale * torch.einsum("bqd,td->bqt", region_embeds, phrase_embeds)
+
+    # ----------------------------------------------------------------------------------------------- zero-shot
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
+        """`[T, D]` joint-space embeddings of `texts`; frozen-tower outputs are memoised per text."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_embed_cache))
+        device = self.text_projection.weight.device
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            tokens = tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.config.max_text_length, return_tensors="pt"
+            ).to(device)
+            embeds = self.get_text_tower_embeds(tokens["input_ids"], tokens["attention_mask"])
+            self._text_embed_cache.update(zip(chunk, embeds.float().cpu()))
+        if not texts:
+            return torch.empty(0, self.config.projection_dim, device=device)
+        tower = torch.stack([self._text_embed_cache[t] for t in texts]).to(device)
+        return self.project_text(tower)
+
+    def _prompt_embeds(self, templates: list[str], tokenizer, **fields) -> torch.Tensor:
+        """Ensemble prompt embeddings: mean over templates of the normalised embeddings, renormalised."""
+        texts = [template.format(**fields) for template in templates]
+        return F.normalize(self.embed_texts(texts, tokenizer).mean(0), dim=-1)
+
+    @torch.no_grad()
+    def interpret(self, images, processor, findings=None, batch_size: int = 8) -> list[dict]:
+        """
+        Zero-shot, anatomy-wise interpretation.
+
+        Args:
+            images: a PIL image, numpy array or path (PNG, JPEG, DICOM), or a list of them.
+            processor: the checkpoint's `AnatomyVLMProcessor`.
+            findings: finding texts to score (any free text); default `config.findings`.
+
+        Returns:
+            One dict per image: `{"image_size": [W, H], "regions": [{"name", "box": [x1, y1, x2, y2] in original
+            pixels, "scores": {finding: probability}}, ...], "findings": {finding: probability}}`. A region score
+            is the softmax over the prompt pair "<finding> in the <region>" / "no <finding> in the <region>";
+            a global score is the sigmoid of the [CLS]-vs-finding logit.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        findings = list(self.config.findings if findings is None else findings)
+        if not findings or any(not isinstance(f, str) or not f.strip() for f in findings):
+            raise ValueError(f"interpret: findings must be a non-empty list of non-empty strings, got {findings!r}")
+        was_training = self.training
+        self.eval()
+        config, tokenizer = self.config, processor.tokenizer
+        global_embeds = torch.stack(
+            [self._prompt_embeds(config.global_prompt_templates, tokenizer, finding=f) for f in findings]
+        )  # [F, D]
+        pair_embeds = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.stack(
+                            [self._prompt_embeds(templates, tokenizer, finding=f, region=region) for f in findings]
+                        )
+                        for region in config.region_names
+                    ]
+                )
+                for templates in (config.region_prompt_templates, config.region_negated_prompt_templates)
+            ]
+        )  # [2, Q, F, D]: positive and negated prompts
+        scale_fine = self.logit_scale_fine.clamp(max=math.log(100)).exp()
+        device = self.text_projection.weight.device
+        results = []
+        for start in range(0, len(images), batch_size):
+            inputs = processor(images=images[start : start + batch_size], return_tensors="pt")
+            features = self.encode_image(inputs["pixel_values"].to(device, self.text_projection.weight.dtype))
+            pair_logits = scale_fine * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], pair_embeds)
+            region_probs = pair_logits.softmax(-1)[..., 0]  # [B, Q, F]
+            global_probs = self.global_logits(features["image_embeds"], global_embeds).sigmoid()  # [B, F]
+            boxes = processor.post_process_boxes(features["pred_boxes"], inputs["original_sizes"])
+            for i, (height, width) in enumerate(inputs["original_sizes"].tolist()):
+                results.append(
+                    {
+                        "image_size": [width, height],
+                        "regions": [
+                            {
+                                "name": name,
+                                "box": [round(v, 2) for v in boxes[i, q].tolist()],
+                                "scores": dict(zip(findings, region_probs[i, q].tolist())),
+                            }
+                            for q, name in enumerate(config.region_names)
+                        ],
+                        "findings": dict(zip(findings, global_probs[i].tolist())),
+                    }
+                )
+        self.train(was_training)
+        return results
+
+
+def interpolate_position_embeddings(position_embeddings: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """Resize `[1, 1 + g*g, D]` position embeddings ([CLS] first) to a `grid_size` x `grid_size` patch grid."""
+    cls_pos, patch_pos = position_embeddings[:, :1], position_embeddings[:, 1:]
+    old = math.isqrt(patch_pos.shape[1])
+    if old * old != patch_pos.shape[1]:
+        raise ValueError(f"position embeddings of {patch_pos.shape[1]} patches do not form a square grid")
+    if old == grid_size:
+        return position_embeddings
+    grid = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, -1).to(position_embeddings.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+# transformers' ViT and DINOv2 parameter names (per layer, by suffix) -> ours. q/k/v are fused into qkv.
+_LAYER_KEYS = {
+    "layernorm_before": "norm1",
+    "norm1": "norm1",
+    "layernorm_after": "norm2",
+    "norm2": "norm2",
+    "attention.o_proj": "attn.proj",
+    "attention.output.dense": "attn.proj",
+    "mlp.fc1": "fc1",
+    "intermediate.dense": "fc1",
+    "mlp.fc2": "fc2",
+    "output.dense": "fc2",
+    "layer_scale1.lambda1": "ls1.lambda1",
+    "layer_scale2.lambda1": "ls2.lambda1",
+}
+_QKV_KEYS = (("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"), ("attention.v_proj", "attention.attention.value"))
+
+
+def _vision_state_from_hf(source: dict[str, torch.Tensor], num_layers: int, name: str) -> dict[str, torch.Tensor]:
+    """Rename a transformers ViTModel / Dinov2Model state dict to `AnatomyVisionTransformer` names."""
+    state = {
+        "embeddings.cls_token": source["embeddings.cls_token"],
+        "embeddings.position_embeddings": source["embeddings.position_embeddings"],
+        "embeddings.patch_embed.weight": source["embeddings.patch_embeddings.projection.weight"],
+        "embeddings.patch_embed.bias": source["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": source["layernorm.weight"],
+        "norm.bias": source["layernorm.bias"],
+    }
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in source if k.endswith("norm1.weight") or k.endswith("layernorm_before.weight")})
+    layer_prefixes = [p.rsplit(".", 1)[0] for p in prefixes]  # e.g. "layers.3" or "encoder.layer.3"
+    layer_prefixes.sort(key=lambda p: int(p.rsplit(".", 1)[1]))
+    if len(layer_prefixes) != num_layers:
+        raise ValueError(f"{name} has {len(layer_prefixes)} transformer layers, vision_config expects {num_layers}")
+    for i, prefix in enumerate(layer_prefixes):
+        for theirs, ours in _LAYER_KEYS.items():
+            for suffix in ("weight", "bias") if not theirs.endswith("lambda1") else ("",):
+                key = f"{prefix}.{theirs}" + (f".{suffix}" if suffix else "")
+                if key in source:
+                    state[f"blocks.{i}.{ours}" + (f".{suffix}" if suffix else "")] = source[key]
+        for suffix in ("weight", "bias"):
+            parts = []
+            for candidates in _QKV_KEYS:
+                found = [source[f"{prefix}.{c}.{suffix}"] for c in candidates if f"{prefix}.{c}.{suffix}" in source]
+                if found:
+                    parts.append(found[0])
+            if len(parts) == 3:
+                state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
+    return state

@@ -1,0 +1,69 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel, AnatomyVLMProcessor  # noqa: E402
+
+TINY_VISION = dict(
+    model_type="vit", image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
+    num_attention_heads=4, intermediate_size=128,
+)
+
+
+def tiny_config(**overrides) -> AnatomyVLMConfig:
+    """A small ViT (64 px, 2 layers) with the embedded MiniLM text tower."""
+    return AnatomyVLMConfig(vision_config=dict(TINY_VISION), projection_dim=32, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor():
+    import torch
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = AnatomyVLMModel.from_encoders(config).eval()
+    return model, AnatomyVLMProcessor.from_model_config(config)
+
+
+@pytest.fixture
+def chest_like_image() -> np.ndarray:
+    """A 8-bit grayscale test image with structure (two dark 'lungs' on a bright body), 180 x 140 px."""
+    yy, xx = np.mgrid[0:180, 0:140]
+    image = 200 - 0.3 * yy
+    for cx in (40, 100):
+        image = np.where(((xx - cx) / 25.0) ** 2 + ((yy - 80) / 55.0) ** 2 < 1, 60 + 0.2 * yy, image)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 16, **elements):
+    """Write a minimal uncompressed single-frame DICOM (what a PACS export looks like, minus patient data)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientName = "Test^Patient"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 * pixels.dtype.itemsize
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

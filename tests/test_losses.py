@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+
+from modeling_anatomy_vlm.loss_anatomy_vlm import (
+    detection_loss,
+    global_finding_loss,
+    region_phrase_contrastive_loss,
+)
+
+
+def test_detection_loss_matches_hand_computed_values_and_ignores_missing_boxes():
+    # Query 0: prediction shifted by 0.1 in x; query 1: perfect; query 2: missing (garbage target, masked).
+    pred = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.4], [0.9, 0.9, 0.1, 0.1]]])
+    target = torch.tensor([[[0.6, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.4], [0.0, 0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    total, l1, giou = detection_loss(pred, target, mask, l1_weight=5.0, giou_weight=2.0)
+    # L1: 0.1 summed over coords for query 0, 0 for query 1, over 2 present boxes.
+    assert l1.item() == pytest.approx(0.1 / 2, abs=1e-6)
+    # Query 0 boxes [0.4,0.4,0.6,0.6] vs [0.5,0.4,0.7,0.6]: inter 0.1*0.2, union 0.06, hull 0.3*0.2 = union,
+    # so GIoU = IoU = 1/3 and the loss is 2/3; query 1 loss 0.
+    assert giou.item() == pytest.approx((2 / 3) / 2, abs=1e-6)
+    assert total.item() == pytest.approx(5 * 0.05 + 2 * (1 / 3), abs=1e-5)
+
+
+def test_detection_loss_giou_term_for_disjoint_boxes():
+    pred = torch.tensor([[[0.2, 0.5, 0.2, 0.2]]])  # [0.1,0.4,0.3,0.6]
+    target = torch.tensor([[[0.8, 0.5, 0.2, 0.2]]])  # [0.7,0.4,0.9,0.6]
+    _, _, giou = detection_loss(pred, target, torch.tensor([[True]]))
+    # IoU 0, hull 0.8*0.2=0.16, union 0.08 -> GIoU = -0.5, loss 1.5
+    assert giou.item() == pytest.approx(1.5, abs=1e-6)
+
+
+def test_detection_loss_all_missing_is_zero_and_has_gradient():
+    pred = torch.rand(2, 3, 4, requires_grad=True)
+    total, _, _ = detection_loss(pred, torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+def test_detection_loss_rejects_present_degenerate_box():
+    pred = torch.full((1, 2, 4), 0.3)
+    target = torch.tensor([[[0.5, 0.5, 0.0, 0.2], [0.5, 0.5, 0.2, 0.2]]])
+    with pytest.raises(ValueError, match="1 present target box"):
+        detection_loss(pred, target, torch.tensor([[True, True]]))
+    # The same degenerate box is fine once masked as missing.
+    detection_loss(pred, target, torch.tensor([[False, True]]))
+
+
+def test_global_loss_is_bce_over_known_labels_only():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    labels = torch.tensor([[1.0, 0.0, -1.0]])
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2
+    assert global_finding_loss(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_infonce_multi_positive_hand_computed():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, 5.0]]])  # one image, one region, 4 texts
+    positive = torch.tensor([[[True, True, False, False]]])
+    negative = torch.tensor([[[False, False, True, False]]])  # text 3 neither: ignored
+    loss = region_phrase_contrastive_loss(logits, positive, negative)
+    expected = -math.log((math.e**2 + math.e**1) / (math.e**2 + math.e**1 + 1.0))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_infonce_duplicate_text_is_never_a_negative():
+    # Texts 0 and 2 are the same sentence; only column 0 is marked positive.
+    logits = torch.tensor([[[1.0, 0.0, 3.0]]])
+    positive = torch.tensor([[[True, False, False]]])
+    ids = torch.tensor([7, 8, 7])
+    with_ids = region_phrase_contrastive_loss(logits, positive, None, text_ids=ids)
+    # Column 2 becomes a positive, column 1 stays the only negative.
+    expected = -math.log((math.e**1 + math.e**3) / (math.e**1 + math.e**3 + 1.0))
+    assert with_ids.item() == pytest.approx(expected, abs=1e-6)
+    # Without ids the duplicate would be punished as a negative: a different, larger loss.
+    without_ids = region_phrase_contrastive_loss(logits, positive, None)
+    assert without_ids.item() > with_ids.item() + 1.0
+
+
+def test_infonce_positive_overrides_explicit_negative_and_rows_without_positives_are_skipped():
+    logits = torch.tensor([[[1.0, 0.0], [4.0, -4.0]]])  # region 1 has no positive
+    positive = torch.tensor([[[True, False], [False, False]]])
+    negative = torch.tensor([[[True, True], [True, True]]])
+    loss = region_phrase_contrastive_loss(logits, positive, negative)
+    expected = -math.log(math.e / (math.e + 1.0))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)

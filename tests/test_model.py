@@ -1,0 +1,215 @@
+import numpy as np
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+from modeling_anatomy_vlm import ANATOMICAL_REGIONS, AnatomyVLMConfig, AnatomyVLMModel
+
+
+def test_regions_are_the_29_chest_imagenome_names_in_order():
+    assert len(ANATOMICAL_REGIONS) == 29
+    assert ANATOMICAL_REGIONS[0] == "right lung" and ANATOMICAL_REGIONS[8] == "left lung"
+    assert ANATOMICAL_REGIONS[24] == "cardiac silhouette" and ANATOMICAL_REGIONS[28] == "abdomen"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"text_pooling": "max"}, "text_pooling"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"fine_loss_weight": -1.0}, "fine_loss_weight"),
+        ({"region_names": ["a", "a"]}, "region_names must be unique"),
+        ({"region_prompt_templates": ["{finding} somewhere"]}, "region_prompt_templates"),
+        ({"vision_config": {"model_type": "bert"}}, "vision_config.model_type"),
+        ({"vision_config": {"model_type": "vit", "image_size": 100, "patch_size": 16}}, "multiple of patch_size"),
+    ],
+)
+def test_invalid_config_values_raise_one_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        AnatomyVLMConfig(**overrides)
+
+
+def test_forward_output_shapes_and_losses(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    batch, queries, num_findings, num_phrases = 2, 29, 3, 5
+    pixel_values = torch.randn(batch, 3, 64, 64)
+    boxes = torch.tensor([0.5, 0.5, 0.2, 0.3]).expand(batch, queries, 4)
+    text = processor(text=["lung opacity", "pneumothorax", "pleural effusion"])
+    phrases = processor(text=[f"phrase {i}" for i in range(num_phrases)])
+    positive = torch.zeros(batch, queries, num_phrases, dtype=torch.bool)
+    positive[:, 0, 0] = True
+    out = model(
+        pixel_values,
+        boxes=boxes,
+        box_mask=torch.ones(batch, queries, dtype=torch.bool),
+        finding_labels=torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]),
+        finding_input_ids=text["input_ids"],
+        finding_attention_mask=text["attention_mask"],
+        phrase_input_ids=phrases["input_ids"],
+        phrase_attention_mask=phrases["attention_mask"],
+        phrase_positive_mask=positive,
+    )
+    num_patches = (64 // 16) ** 2
+    assert out.pred_boxes.shape == (batch, queries, 4)
+    assert ((out.pred_boxes > 0) & (out.pred_boxes < 1)).all()
+    assert out.image_embeds.shape == (batch, 32)
+    assert out.region_embeds.shape == (batch, queries, 32)
+    assert torch.allclose(out.region_embeds.norm(dim=-1), torch.ones(batch, queries), atol=1e-5)
+    assert out.global_logits.shape == (batch, num_findings)
+    assert out.region_logits.shape == (batch, queries, num_phrases)
+    assert out.last_hidden_state.shape == (batch, 1 + num_patches + queries, 64)
+    for term in (out.loss_anatomy, out.loss_global, out.loss_fine):
+        assert term.shape == () and torch.isfinite(term)
+    assert torch.allclose(out.loss, out.loss_anatomy + out.loss_global + out.loss_fine)
+    # The text side used inside forward equals get_text_features.
+    expected = model.get_text_features(text["input_ids"], text["attention_mask"])
+    scale = model.logit_scale_global.exp()
+    assert torch.allclose(out.global_logits, scale * out.image_embeds @ expected.T + model.logit_bias_global, atol=1e-5)
+
+
+def test_cached_text_tower_embeds_give_the_same_loss(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    text = processor(text=["lung opacity", "no pneumothorax"])
+    pixel_values = torch.randn(1, 3, 64, 64)
+    labels = torch.tensor([[1.0, 0.0]])
+    live = model(pixel_values, finding_labels=labels, finding_input_ids=text["input_ids"],
+                 finding_attention_mask=text["attention_mask"])
+    cached = model(pixel_values, finding_labels=labels,
+                   finding_text_embeds=model.get_text_tower_embeds(text["input_ids"], text["attention_mask"]))
+    assert torch.allclose(live.loss, cached.loss, atol=1e-6)
+
+
+def test_gradients_reach_anatomy_queries_but_never_the_text_tower(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    model.train()
+    model.zero_grad()
+    text = processor(text=["lung opacity", "pleural effusion"])
+    positive = torch.zeros(1, 29, 2, dtype=torch.bool)
+    positive[0, 6, 1] = True
+    out = model(
+        torch.randn(1, 3, 64, 64),
+        boxes=torch.full((1, 29, 4), 0.3),
+        finding_labels=torch.tensor([[1.0, 0.0]]),
+        finding_input_ids=text["input_ids"],
+        finding_attention_mask=text["attention_mask"],
+        phrase_input_ids=text["input_ids"],
+        phrase_attention_mask=text["attention_mask"],
+        phrase_positive_mask=positive,
+    )
+    out.loss.backward()
+    queries_grad = model.vision_model.anatomy_queries.embeddings.grad
+    assert queries_grad is not None and queries_grad.abs().sum() > 0
+    assert model.text_projection.weight.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in model.text_model.parameters())
+    assert not model.text_model.training  # frozen tower stays in eval mode (no dropout)
+    model.zero_grad()
+    model.eval()
+
+
+def _write_vit(path, image_size):
+    torch.manual_seed(1)
+    config = ViTConfig(image_size=image_size, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=128)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _write_dinov2(path, image_size):
+    torch.manual_seed(2)
+    config = Dinov2Config(image_size=image_size, patch_size=16, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, mlp_ratio=2, layerscale_value=0.5)
+    model = Dinov2Model(config).eval()
+    with torch.no_grad():  # non-trivial layer scales, so a missed copy would show
+        for name, param in model.named_parameters():
+            if "lambda1" in name:
+                param.uniform_(0.2, 1.5)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("writer, model_type", [(_write_vit, "vit"), (_write_dinov2, "dinov2")])
+def test_vision_tower_initialises_from_vit_and_dinov2_checkpoints(tmp_path, writer, model_type):
+    source = writer(tmp_path / "tower", image_size=64)
+    vision_config = source.config.to_dict()
+    config = AnatomyVLMConfig(vision_config=vision_config, projection_dim=32)
+    model = AnatomyVLMModel(config).eval()
+    model.load_vision_encoder(str(tmp_path / "tower"))
+    tower = model.vision_model
+    layer0 = source.layers[0] if model_type == "vit" else source.encoder.layer[0]
+    qkv = torch.cat([layer0.attention.q_proj.weight, layer0.attention.k_proj.weight, layer0.attention.v_proj.weight])
+    assert torch.equal(tower.blocks[0].attn.qkv.weight, qkv)
+    assert torch.equal(tower.embeddings.cls_token, source.embeddings.cls_token)
+    # Functional check: our blocks over [CLS] + patches reproduce the source model's last hidden state.
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        x = tower.embeddings(pixel_values)
+        for block in tower.blocks:
+            x = block(x)
+        ours = tower.norm(x)
+        theirs = source(pixel_values=pixel_values).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_position_embeddings_are_interpolated_to_the_configured_resolution(tmp_path):
+    source = _write_vit(tmp_path / "tower", image_size=32)  # 2 x 2 grid
+    vision_config = source.config.to_dict() | {"image_size": 64}  # 4 x 4 grid
+    model = AnatomyVLMModel(AnatomyVLMConfig(vision_config=vision_config, projection_dim=32))
+    model.load_vision_encoder(str(tmp_path / "tower"))
+    pos = model.vision_model.embeddings.position_embeddings
+    assert pos.shape == (1, 1 + 16, 64)
+    assert torch.equal(pos[:, 0], source.embeddings.position_embeddings[:, 0])  # [CLS] kept as is
+    # A constant source grid interpolates to the same constant.
+    with torch.no_grad():
+        source.embeddings.position_embeddings[:, 1:] = 0.25
+    source.save_pretrained(tmp_path / "constant")
+    model.load_vision_encoder(str(tmp_path / "constant"))
+    assert torch.allclose(model.vision_model.embeddings.position_embeddings[:, 1:], torch.tensor(0.25), atol=1e-6)
+
+
+def test_vision_checkpoint_of_another_size_is_refused(tmp_path):
+    _write_vit(tmp_path / "tower", image_size=64)
+    narrower = dict(model_type="vit", image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64)
+    model = AnatomyVLMModel(AnatomyVLMConfig(vision_config=narrower, projection_dim=16))
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_vision_encoder(str(tmp_path / "tower"))
+
+
+def test_interpret_returns_the_documented_structure(tiny_model_and_processor, chest_like_image):
+    model, processor = tiny_model_and_processor
+    results = model.interpret([chest_like_image, chest_like_image[:100]], processor,
+                              findings=["pleural effusion", "a free-text finding"])
+    assert len(results) == 2
+    first = results[0]
+    assert first["image_size"] == [140, 180]
+    assert results[1]["image_size"] == [140, 100]
+    assert [r["name"] for r in first["regions"]] == list(ANATOMICAL_REGIONS)
+    for region in first["regions"]:
+        x1, y1, x2, y2 = region["box"]
+        assert 0 <= x1 <= x2 <= 140 and 0 <= y1 <= y2 <= 180
+        assert set(region["scores"]) == {"pleural effusion", "a free-text finding"}
+        assert all(0.0 <= p <= 1.0 for p in region["scores"].values())
+    assert set(first["findings"]) == {"pleural effusion", "a free-text finding"}
+    # Same image alone gives the same answer (batching does not change results).
+    alone = model.interpret(chest_like_image, processor, findings=["pleural effusion", "a free-text finding"])[0]
+    assert alone["findings"] == pytest.approx(first["findings"], abs=1e-5)
+
+
+def test_interpret_region_score_is_the_softmax_over_the_prompt_pair(tiny_model_and_processor, chest_like_image):
+    model, processor = tiny_model_and_processor
+    result = model.interpret(chest_like_image, processor, findings=["pneumothorax"])[0]
+    pixel_values = processor(images=chest_like_image)["pixel_values"]
+    with torch.no_grad():
+        region = model.get_region_features(pixel_values)[0, 5]  # right apical zone
+        pos, neg = model.embed_texts(["pneumothorax in the right apical zone",
+                                      "no pneumothorax in the right apical zone"], processor.tokenizer)
+        scale = model.logit_scale_fine.exp()
+        expected = torch.softmax(scale * torch.stack([region @ pos, region @ neg]), 0)[0].item()
+    assert result["regions"][5]["scores"]["pneumothorax"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_interpret_rejects_empty_findings(tiny_model_and_processor, chest_like_image):
+    model, processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match="findings"):
+        model.interpret(chest_like_image, processor, findings=["  "])
