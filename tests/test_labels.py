@@ -1,0 +1,446 @@
+"""Tests of train/labels.py: report parsing, perturbations, region texts and batch masks."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMConfig
+from train.eval_report_parser import evaluate
+from train.labels import (
+    FINDING_CATEGORY,
+    HARD_NEGATIVE_TEMPLATES,
+    LOCATED,
+    REGION_FINDINGS,
+    REGION_RULES,
+    ImageRegionTexts,
+    Mention,
+    RegionPrompts,
+    collate_region_texts,
+    flip_negation,
+    mentions_to_region_phrases,
+    parse_report,
+    perturb_phrase,
+    region_texts_for_image,
+    render_region_prompt,
+    scene_graph_region_phrases,
+    swap_laterality,
+    swap_severity,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+R = {name: i for i, name in enumerate(ANATOMICAL_REGIONS)}
+
+
+def triples(text):
+    return {(m.finding, m.present, m.region) for m in parse_report(text)}
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Left basilar opacity.", {("lung opacity", True, "left lower lung zone")}),
+        ("Right pleural effusion.", {("pleural effusion", True, "right costophrenic angle")}),
+        ("Cardiomegaly.", {("enlarged cardiac silhouette", True, "cardiac silhouette")}),
+        ("Right apical pneumothorax.", {("pneumothorax", True, "right apical zone")}),
+        ("Bilateral effusions.", {("pleural effusion", True, "right costophrenic angle"),
+                                  ("pleural effusion", True, "left costophrenic angle")}),
+        ("Consolidation in the left upper lobe.", {("consolidation", True, "left upper lung zone")}),
+        ("Atelectasis in the lingula.", {("atelectasis", True, "left mid lung zone")}),
+        ("Right middle lobe pneumonia.", {("pneumonia", True, "right mid lung zone")}),
+        ("Retrocardiac opacity.", {("lung opacity", True, "left lower lung zone")}),
+        ("Right perihilar opacity.", {("lung opacity", True, "right hilar structures")}),
+        ("Perihilar opacities.", {("lung opacity", True, "right hilar structures"),
+                                  ("lung opacity", True, "left hilar structures")}),
+        ("No pneumothorax.", {("pneumothorax", False, None)}),
+        ("Mild pulmonary edema.", {("pulmonary edema/hazy opacity", True, None)}),
+        ("Thoracic scoliosis.", {("scoliosis", True, "spine")}),
+        ("Degenerative changes of the thoracic spine.", {("spinal degenerative changes", True, "spine")}),
+        ("Tortuous aorta.", {("tortuous aorta", True, "aortic arch")}),
+        ("Elevated right hemidiaphragm.", {("elevated hemidiaphragm", True, "right hemidiaphragm")}),
+        ("Small hiatal hernia.", {("hernia", True, "mediastinum")}),
+        ("ET tube 4 cm above the carina.", {("endotracheal tube", True, "trachea")}),
+        ("Endotracheal tube in place.", {("endotracheal tube", True, "trachea")}),
+        ("Healed left rib fracture.", {("rib fracture", True, "left lung")}),
+        ("Fracture of the right clavicle.", {("clavicle fracture", True, "right clavicle")}),
+        ("T12 compression fracture.", {("spinal fracture", True, "spine")}),
+        ("Low lung volumes.", {("low lung volumes", True, None)}),
+    ],
+)
+def test_parser_maps_findings_to_regions(text, expected):
+    assert triples(text) == expected
+
+
+@pytest.mark.parametrize("tube", ["NG tube", "OG tube", "Feeding tube", "Dobhoff tube", "Enteric tube", "Nasogastric tube"])
+def test_enteric_tube_synonyms_map_to_abdomen(tube):
+    assert triples(f"{tube} tip in the stomach.") == {("enteric tube", True, "abdomen")}
+
+
+@pytest.mark.parametrize(
+    "text, finding",
+    [
+        ("Cardiomegaly.", "enlarged cardiac silhouette"),
+        ("The heart is enlarged.", "enlarged cardiac silhouette"),
+        ("Infiltrate.", "lung opacity"),
+        ("Airspace disease.", "lung opacity"),
+        ("Opacification.", "lung opacity"),
+        ("Edema.", "pulmonary edema/hazy opacity"),
+        ("Interstitial edema.", "pulmonary edema/hazy opacity"),
+        ("Emphysema.", "copd/emphysema"),
+        ("COPD.", "copd/emphysema"),
+        ("The lungs are hyperinflated.", "hyperaeration"),
+        ("Nodule.", "mass/nodule (not otherwise specified)"),
+        ("Mass.", "mass/nodule (not otherwise specified)"),
+        ("Calcified granuloma.", "calcified nodule"),
+        ("Prior granulomatous disease.", "granulomatous disease"),
+        ("Mild vascular congestion.", "vascular congestion"),
+        ("Blunting of the costophrenic angle.", "costophrenic angle blunting"),
+    ],
+)
+def test_synonyms(text, finding):
+    assert {m.finding for m in parse_report(text)} == {finding}
+
+
+def test_vocabulary_covers_default_findings_and_valid_regions():
+    assert set(DEFAULT_FINDINGS) <= set(FINDING_CATEGORY) == set(REGION_RULES)
+    for rule in REGION_RULES.values():
+        if rule not in (None, LOCATED):
+            names = [rule.format(side=s) for s in ("right", "left")] if "{side}" in rule else [rule]
+            assert set(names) <= set(ANATOMICAL_REGIONS)
+    assert set(REGION_FINDINGS) == set(ANATOMICAL_REGIONS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "No pleural effusion.", "Without pleural effusion.", "Negative for pleural effusion.",
+        "Free of pleural effusion.", "The pleural effusion has resolved.", "No evidence of pleural effusion.",
+        "Pleural effusion is not seen.",
+    ],
+)
+def test_negation(text):
+    (mention,) = parse_report(text)
+    assert (mention.finding, mention.present, mention.uncertain) == ("pleural effusion", False, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Possible pneumonia.", "Opacity may represent pneumonia.", "Pneumonia cannot be excluded.",
+        "Likely pneumonia.", "Findings suggestive of pneumonia.", "Questionable pneumonia.",
+    ],
+)
+def test_uncertainty_is_present_and_flagged(text):
+    mention = next(m for m in parse_report(text) if m.finding == "pneumonia")
+    assert mention.present and mention.uncertain
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["The lungs are clear.", "The right lung is clear.", "No acute cardiopulmonary process.", "Sternotomy wires intact.", ""],
+)
+def test_normal_sentences_without_findings_give_no_mentions(text):
+    assert parse_report(text) == []
+
+
+def test_normal_heart_size_is_a_negated_finding():
+    assert triples("Heart size is normal.") == {("enlarged cardiac silhouette", False, "cardiac silhouette")}
+    assert triples("The heart is not enlarged.") == {("enlarged cardiac silhouette", False, "cardiac silhouette")}
+
+
+def test_xxxx_tokens_are_tolerated():
+    assert triples("XXXX opacity in the right lower lobe.") == {("lung opacity", True, "right lower lung zone")}
+    assert triples("No XXXX pneumonia. The XXXX are clear.") == {("pneumonia", False, None)}
+
+
+def test_clauses_several_findings_severity_and_phrase():
+    mentions = parse_report("No pneumothorax, but small left effusion; mild cardiomegaly.")
+    by_finding = {m.finding: m for m in mentions}
+    assert set(by_finding) == {"pneumothorax", "pleural effusion", "enlarged cardiac silhouette"}
+    assert (by_finding["pneumothorax"].present, by_finding["pneumothorax"].region) == (False, None)
+    effusion = by_finding["pleural effusion"]
+    assert (effusion.present, effusion.region, effusion.severity) == (True, "left costophrenic angle", "mild")
+    assert effusion.phrase == "small left effusion"
+    assert by_finding["enlarged cardiac silhouette"].present
+    assert triples("Right pleural effusion and left basilar atelectasis.") == {
+        ("pleural effusion", True, "right costophrenic angle"), ("atelectasis", True, "left lower lung zone")}
+    assert triples("No focal consolidation, pleural effusion, or pneumothorax.") == {
+        ("consolidation", False, None), ("pleural effusion", False, None), ("pneumothorax", False, None)}
+
+
+def test_apposition_and_adjacency_inherit_location():
+    assert triples("Retrocardiac opacity, likely atelectasis.") == {
+        ("lung opacity", True, "left lower lung zone"), ("atelectasis", True, "left lower lung zone")}
+    assert triples("Right pleural effusion with adjacent atelectasis.") == {
+        ("pleural effusion", True, "right costophrenic angle"), ("atelectasis", True, "right lower lung zone")}
+
+
+def test_pseudo_negation_and_blockers():
+    assert triples("No significant change in the small left pleural effusion.") == {
+        ("pleural effusion", True, "left costophrenic angle")}
+    assert triples("Enlarged heart, possibly due to pericardial effusion.") == {
+        ("enlarged cardiac silhouette", True, "cardiac silhouette")}
+
+
+def test_sections_and_multiline_reports():
+    report = (
+        "INDICATION: ___ with cough, evaluate for pneumonia.\n\nCOMPARISON: None.\n\n"
+        "FINDINGS:\nThere is a small right\npleural effusion. No pneumothorax.\n\n"
+        "IMPRESSION:\n1. Right pleural effusion.\n2. No pneumonia."
+    )
+    mentions = parse_report(report)
+    assert {(m.finding, m.present, m.region, m.section) for m in mentions} == {
+        ("pleural effusion", True, "right costophrenic angle", "findings"),
+        ("pneumothorax", False, None, "findings"),
+        ("pleural effusion", True, "right costophrenic angle", "impression"),
+        ("pneumonia", False, None, "impression"),
+    }
+    assert mentions[0].phrase == "There is a small right pleural effusion"
+
+
+def test_mention_is_frozen():
+    mention = parse_report("Cardiomegaly.")[0]
+    assert isinstance(mention, Mention) and mention.category == "anatomicalfinding"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mention.present = False
+
+
+# ---------------------------------------------------------------------------------------------- perturbations
+
+PERTURBABLE = [
+    "Small right pleural effusion.",
+    "No pneumothorax.",
+    "Left lower lobe consolidation.",
+    "Heart size is normal.",
+    "The aorta is tortuous.",
+    "Right lower lobe pneumonia cannot be excluded.",
+    "The previously seen right pneumothorax has resolved.",
+    "Lungs are clear without focal consolidation.",
+    "NG tube has been removed.",
+    "Right upper lobe opacity concerning for pneumonia.",
+]
+
+
+@pytest.mark.parametrize("text", PERTURBABLE)
+def test_negation_flip_changes_meaning(text):
+    flipped = flip_negation(text)
+    assert flipped and triples(flipped) and triples(flipped) != triples(text)
+    assert {(f, not p, r) for f, p, r in triples(flipped)} == triples(text)
+
+
+@pytest.mark.parametrize("text", [t for t in PERTURBABLE if "right" in t.lower() or "left" in t.lower()])
+def test_laterality_swap_changes_meaning(text):
+    swapped = swap_laterality(text)
+    assert triples(swapped) != triples(text)
+    mirror = {"right": "left", "left": "right"}
+    assert triples(swapped) == {
+        (f, p, r if r is None else " ".join(mirror.get(w, w) for w in r.split())) for f, p, r in triples(text)}
+
+
+def test_severity_swap_changes_severity():
+    swapped = swap_severity("Small right pleural effusion.")
+    assert swapped == "Large right pleural effusion."
+    assert [m.severity for m in parse_report(swapped)] == ["severe"]
+    assert [m.severity for m in parse_report("Small right pleural effusion.")] == ["mild"]
+    assert swap_severity("Right pleural effusion.") is None
+
+
+def test_perturb_phrase_only_returns_meaning_changes():
+    rng = np.random.default_rng(0)
+    for text in PERTURBABLE * 3:
+        perturbation = perturb_phrase(text, rng)
+        original = {(m.finding, m.present, m.region, m.severity) for m in parse_report(text)}
+        changed = {(m.finding, m.present, m.region, m.severity) for m in parse_report(perturbation.text)}
+        assert changed != original
+        if perturbation.kind in ("negation", "laterality"):
+            assert triples(perturbation.text) != triples(text)
+    # "bilateral" has no side to swap and "the left lung is clear" states no finding: nothing changes meaning
+    assert perturb_phrase("The left lung is clear.", rng) is None
+    assert perturb_phrase("Bilateral effusions.", rng, kinds=("laterality",)) is None
+
+
+# ---------------------------------------------------------------------------------------------- label generation
+
+SCENE_GRAPH = {
+    "image_id": "img0",
+    "attributes": [
+        {
+            "bbox_name": "right costophrenic angle",
+            "phrases": ["Small right pleural effusion."],
+            "attributes": [["anatomicalfinding|yes|pleural effusion", "nlp|yes|abnormal"]],
+        },
+        {
+            "bbox_name": "right lung",
+            "phrases": ["Right lung is clear without pneumothorax."],
+            "attributes": [["anatomicalfinding|no|lung opacity", "anatomicalfinding|no|pneumothorax", "nlp|yes|normal"]],
+        },
+        {   # one of the 7 boxes the model ignores
+            "bbox_name": "left cardiac silhouette",
+            "phrases": ["The heart is enlarged."],
+            "attributes": [["anatomicalfinding|yes|enlarged cardiac silhouette"]],
+        },
+    ],
+}
+
+
+def test_scene_graph_region_phrases():
+    phrases = scene_graph_region_phrases(SCENE_GRAPH)
+    assert set(phrases) == {"right costophrenic angle", "right lung"}
+    assert phrases["right costophrenic angle"] == [
+        ("Small right pleural effusion.", [("anatomicalfinding", True, "pleural effusion"), ("nlp", True, "abnormal")])]
+
+
+def test_region_texts_positives_and_negatives():
+    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), np.random.default_rng(0), perturb_prob=0.0)
+    assert item.region_names == ANATOMICAL_REGIONS and len(item.positives) == len(item.negatives) == 29
+
+    # region with a finding: its phrase and the true prompt; the negated prompt is a negative; no "normal" text
+    rcpa = R["right costophrenic angle"]
+    assert item.positives[rcpa] == ("Small right pleural effusion.", "pleural effusion in the right costophrenic angle")
+    assert item.negatives[rcpa] == ("no pleural effusion in the right costophrenic angle",)
+
+    # region the report calls normal: phrase, negated prompts and normal description are positives
+    right_lung = R["right lung"]
+    assert item.positives[right_lung] == (
+        "Right lung is clear without pneumothorax.", "no lung opacity in the right lung",
+        "no pneumothorax in the right lung", "the right lung is normal")
+    assert {"lung opacity in the right lung", "pneumothorax in the right lung"} <= set(item.negatives[right_lung])
+
+    # region not mentioned: normal description; 3 attribute negatives + 1 template negative about that region
+    spine = R["spine"]
+    assert item.positives[spine] == ("the spine is normal",)
+    attribute = {render_region_prompt(f, "spine") for f in ("scoliosis", "spinal degenerative changes", "spinal fracture")}
+    assert attribute <= set(item.negatives[spine]) and len(item.negatives[spine]) == 4
+    assert all(t.endswith("the spine") or t == "the spine is abnormal" for t in item.negatives[spine])
+
+    # no plausible finding in the default vocabulary: only the generic template negative
+    assert item.negatives[R["svc"]] == (HARD_NEGATIVE_TEMPLATES[0].format(region="svc"),)
+    for positives, negatives in zip(item.positives, item.negatives):
+        assert not set(positives) & set(negatives)
+
+
+def test_region_texts_perturbation_is_a_hard_negative():
+    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), np.random.default_rng(0), perturb_prob=1.0)
+    rcpa = R["right costophrenic angle"]
+    (hard,) = [t for t in item.negatives[rcpa] if "costophrenic angle" not in t]
+    assert hard in {"Small left pleural effusion.", "No right pleural effusion.", "Large right pleural effusion."}
+    (hard_lung,) = [t for t in item.negatives[R["right lung"]] if not t.endswith("right lung")]
+    assert triples(hard_lung) != triples("Right lung is clear without pneumothorax.")
+
+
+def test_region_texts_deterministic_given_seed():
+    phrases = scene_graph_region_phrases(SCENE_GRAPH)
+    first = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5)
+    second = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5)
+    assert first == second
+
+
+def test_prompts_use_config_templates():
+    config = AnatomyVLMConfig()
+    assert render_region_prompt("pleural effusion", "right costophrenic angle") == config.region_prompt_templates[0].format(
+        finding="pleural effusion", region="right costophrenic angle")
+    assert render_region_prompt("pneumothorax", "left lung", negated=True) == "no pneumothorax in the left lung"
+    custom = RegionPrompts.from_config(SimpleNamespace(
+        region_prompt_templates=["{region} shows {finding}"], region_negated_prompt_templates=["{region} without {finding}"]))
+    assert custom.render("atelectasis", "left lung") == "left lung shows atelectasis"
+    assert custom.render("atelectasis", "left lung", negated=True) == "left lung without atelectasis"
+
+
+def test_mentions_to_region_phrases():
+    mentions = parse_report("Right pleural effusion and left basilar atelectasis. No pneumothorax.")
+    phrases = mentions_to_region_phrases(mentions)
+    sentence = "Right pleural effusion and left basilar atelectasis"
+    assert phrases == {
+        "right costophrenic angle": [(sentence, [("anatomicalfinding", True, "pleural effusion")])],
+        "left lower lung zone": [(sentence, [("anatomicalfinding", True, "atelectasis")])],
+    }
+    item = region_texts_for_image(phrases, np.random.default_rng(0), perturb_prob=0.0)
+    assert sentence in item.positives[R["left lower lung zone"]]
+
+
+def _item(positives: dict, negatives: dict | None = None) -> ImageRegionTexts:
+    negatives = negatives or {}
+    return ImageRegionTexts(
+        tuple(tuple(positives.get(r, ())) for r in ANATOMICAL_REGIONS),
+        tuple(tuple(negatives.get(r, ())) for r in ANATOMICAL_REGIONS),
+    )
+
+
+def test_collate_masks_and_in_batch_negatives():
+    image0 = _item(
+        {"right costophrenic angle": ["Small right pleural effusion."], "spine": ["the spine is normal"]},
+        {"right costophrenic angle": ["no pleural effusion in the right costophrenic angle"]},
+    )
+    image1 = _item({"left costophrenic angle": ["Small left pleural effusion."]})
+    texts, positive, negative = collate_region_texts([image0, image1])
+    assert texts == ["Small right pleural effusion.", "the spine is normal",
+                     "no pleural effusion in the right costophrenic angle", "Small left pleural effusion."]
+    assert positive.shape == negative.shape == (2, 29, 4) and positive.dtype == negative.dtype == bool
+    t = {text: i for i, text in enumerate(texts)}
+    rcpa, lcpa, spine = R["right costophrenic angle"], R["left costophrenic angle"], R["spine"]
+    assert positive[0, rcpa, t["Small right pleural effusion."]] and positive.sum() == 3
+    assert negative[0, rcpa, t["no pleural effusion in the right costophrenic angle"]]  # explicit
+    assert not negative[1, rcpa, t["no pleural effusion in the right costophrenic angle"]]  # explicit is per image
+    assert negative[1, rcpa, t["Small left pleural effusion."]]  # another region's positive, same image
+    assert negative[0, rcpa, t["Small left pleural effusion."]]  # another region's positive, other image
+    assert negative[1, lcpa, t["Small right pleural effusion."]]
+    # a positive of region r in another image is not by itself a negative of region r
+    assert not negative[1, rcpa, t["Small right pleural effusion."]]
+    assert not negative[:, spine, t["the spine is normal"]].any()
+    assert not (positive & negative).any()
+
+
+def test_duplicate_text_is_never_a_negative_of_its_own_region():
+    shared = "Small right pleural effusion."
+    rcpa, right_lung = R["right costophrenic angle"], R["right lung"]
+    # two images sharing a phrase (one with extra whitespace), and two regions sharing a phrase
+    image0 = _item({"right costophrenic angle": [shared], "right lung": [shared]})
+    image1 = _item({"right costophrenic angle": ["Small  right pleural effusion. "], "left lung": ["No left pneumothorax."]},
+                   {"right lung": [shared]})  # an explicit negative that image 0 has as a positive of the same region
+    texts, positive, negative = collate_region_texts([image0, image1])
+    i = texts.index(shared)
+    assert texts.count(shared) == 1 and len(texts) == 2
+    assert positive[0, rcpa, i] and positive[0, right_lung, i] and positive[1, rcpa, i]
+    assert not negative[0, rcpa, i] and not negative[0, right_lung, i] and not negative[1, rcpa, i]
+    assert negative[1, right_lung, i]  # image 1 says it explicitly, and it is not image 1's positive there
+    assert negative[0, R["left lung"], i]  # a positive of other regions
+    assert not negative[0, R["left lung"], texts.index("No left pneumothorax.")]  # positive of the same region elsewhere
+    assert not (positive & negative).any()
+
+
+def test_collate_generated_batch_masks_disjoint():
+    rng = np.random.default_rng(3)
+    reports = ["Small right pleural effusion. No pneumothorax.", "Small right pleural effusion. Mild cardiomegaly.",
+               "The lungs are clear. Heart size is normal."]
+    items = [region_texts_for_image(mentions_to_region_phrases(parse_report(r)), rng, perturb_prob=0.5) for r in reports]
+    items.append(region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), rng, perturb_prob=0.5))
+    texts, positive, negative = collate_region_texts(items)
+    assert len(set(texts)) == len(texts) == positive.shape[2]
+    assert not (positive & negative).any()
+    assert positive.any(axis=2).all()  # every region of every image has a positive
+    assert negative.any(axis=2).all()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_report_parser_evaluation_meets_target():
+    result = evaluate()
+    assert result.triples["all"].gold >= 200
+    for split in ("dev", "test", "all"):
+        for scores in (result.triples[split], result.pairs[split]):
+            assert scores.precision >= 0.95 and scores.recall >= 0.95, (split, scores)
+
+
+def test_eval_script_runs_as_a_script():
+    completed = subprocess.run(
+        [sys.executable, "train/eval_report_parser.py"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "(finding, present, region)" in completed.stdout
