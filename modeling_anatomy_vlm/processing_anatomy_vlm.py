@@ -1,6 +1,6 @@
 """Processor of Anatomy-VLM: the image processor, the text encoder's tokenizer, and zero-shot prompt building."""
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_anatomy_vlm import resolve_text_encoder_path
@@ -41,8 +41,6 @@ class AnatomyVLMProcessor(ProcessorMixin):
             encoding.update(self.image_processor(images, boxes=boxes))
         if text is not None:
             encoding.update(self.tokenize(text, return_tensors=return_tensors))
-        from transformers import BatchFeature
-
         return BatchFeature(data=encoding)
 
     def tokenize(self, text, return_tensors: str = "pt"):
