@@ -6,6 +6,7 @@ through a trainable projection (arXiv 2511.08402).
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -521,7 +522,7 @@ def interpolate_position_embeddings(position_embeddings: torch.Tensor, grid_size
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-# transformers' ViT and DINOv2 parameter names (per layer, by suffix) -> ours. q/k/v are fused into qkv.
+# Per-layer modules of transformers' ViT and DINOv2 (current and older names) -> ours; q/k/v are fused into qkv.
 _LAYER_KEYS = {
     "layernorm_before": "norm1",
     "norm1": "norm1",
@@ -533,10 +534,15 @@ _LAYER_KEYS = {
     "intermediate.dense": "fc1",
     "mlp.fc2": "fc2",
     "output.dense": "fc2",
-    "layer_scale1.lambda1": "ls1.lambda1",
-    "layer_scale2.lambda1": "ls2.lambda1",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
 }
-_QKV_KEYS = (("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"), ("attention.v_proj", "attention.attention.value"))
+_QKV_KEYS = (
+    ("attention.q_proj", "attention.attention.query"),
+    ("attention.k_proj", "attention.attention.key"),
+    ("attention.v_proj", "attention.attention.value"),
+)
+_LAYER_PARAM = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 
 
 def _vision_state_from_hf(source: dict[str, torch.Tensor], num_layers: int, name: str) -> dict[str, torch.Tensor]:
@@ -549,23 +555,22 @@ def _vision_state_from_hf(source: dict[str, torch.Tensor], num_layers: int, name
         "norm.weight": source["layernorm.weight"],
         "norm.bias": source["layernorm.bias"],
     }
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in source if k.endswith("norm1.weight") or k.endswith("layernorm_before.weight")})
-    layer_prefixes = [p.rsplit(".", 1)[0] for p in prefixes]  # e.g. "layers.3" or "encoder.layer.3"
-    layer_prefixes.sort(key=lambda p: int(p.rsplit(".", 1)[1]))
-    if len(layer_prefixes) != num_layers:
-        raise ValueError(f"{name} has {len(layer_prefixes)} transformer layers, vision_config expects {num_layers}")
-    for i, prefix in enumerate(layer_prefixes):
-        for theirs, ours in _LAYER_KEYS.items():
-            for suffix in ("weight", "bias") if not theirs.endswith("lambda1") else ("",):
-                key = f"{prefix}.{theirs}" + (f".{suffix}" if suffix else "")
-                if key in source:
-                    state[f"blocks.{i}.{ours}" + (f".{suffix}" if suffix else "")] = source[key]
-        for suffix in ("weight", "bias"):
-            parts = []
-            for candidates in _QKV_KEYS:
-                found = [source[f"{prefix}.{c}.{suffix}"] for c in candidates if f"{prefix}.{c}.{suffix}" in source]
-                if found:
-                    parts.append(found[0])
-            if len(parts) == 3:
-                state[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
+    qkv = {}  # (layer, param) -> [q, k, v]
+    for key, value in source.items():
+        match = _LAYER_PARAM.match(key)
+        if match is None:
+            continue
+        layer, module, param = int(match[1]), match[2], match[3]
+        if module in _LAYER_KEYS:
+            state[f"blocks.{layer}.{_LAYER_KEYS[module]}.{param}"] = value
+        for slot, names in enumerate(_QKV_KEYS):
+            if module in names:
+                qkv.setdefault((layer, param), [None] * 3)[slot] = value
+    layers = {layer for layer, _ in qkv}
+    if len(layers) != num_layers:
+        raise ValueError(f"{name} has {len(layers)} transformer layers, vision_config expects {num_layers}")
+    for (layer, param), parts in qkv.items():
+        if any(part is None for part in parts):
+            raise ValueError(f"{name}: layer {layer} lacks one of its query/key/value {param}s")
+        state[f"blocks.{layer}.attn.qkv.{param}"] = torch.cat(parts, dim=0)
     return state
