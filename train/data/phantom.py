@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
+from train.labels import FINDING_CATEGORY  # one category table for parser and generator
 
 GENERATOR_VERSION = "phantom-1.0"
 RENDER_FACTOR = 3  # smooth anatomy is rendered at 1/RENDER_FACTOR resolution, then upsampled
@@ -85,9 +86,6 @@ FINDING_WEIGHTS = {
     "endotracheal tube": 0.6,
     "enteric tube": 0.6,
 }
-FINDING_CATEGORY = {label: "anatomicalfinding" for label in FINDING_WEIGHTS}
-FINDING_CATEGORY["endotracheal tube"] = "tubesandlines"
-FINDING_CATEGORY["enteric tube"] = "tubesandlines"
 assert all(label in DEFAULT_FINDINGS for label in FINDING_WEIGHTS)
 assert "costophrenic angle blunting" in DEFAULT_FINDINGS
 
