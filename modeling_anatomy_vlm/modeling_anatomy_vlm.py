@@ -210,9 +210,6 @@ class AnatomyVLMPreTrainedModel(PreTrainedModel):
             module.weight.fill_(1.0)
             module.bias.zero_()
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        self.vision_model.gradient_checkpointing = enable
-
 
 class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
     """
@@ -434,10 +431,43 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         tower = torch.stack([self._text_embed_cache[t] for t in texts]).to(device)
         return self.project_text(tower)
 
-    def _prompt_embeds(self, templates: list[str], tokenizer, **fields) -> torch.Tensor:
-        """Ensemble prompt embeddings: mean over templates of the normalised embeddings, renormalised."""
-        texts = [template.format(**fields) for template in templates]
-        return F.normalize(self.embed_texts(texts, tokenizer).mean(0), dim=-1)
+    @torch.no_grad()
+    def prompt_embeds(self, findings: list[str], tokenizer) -> dict[str, torch.Tensor]:
+        """Ensembled zero-shot prompt embeddings: `global` `[F, D]` and `pairs` `[2, Q, F, D]` (positive, negated).
+
+        Each embedding is the renormalised mean over the config's templates of the normalised prompt embeddings.
+        All prompts go through the text tower in one batched pass (memoised per text for later calls).
+        """
+        config = self.config
+        groups = [[t.format(finding=f) for t in config.global_prompt_templates] for f in findings]
+        for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
+            groups += [[t.format(finding=f, region=r) for t in templates] for r in config.region_names for f in findings]
+        embeds = self.embed_texts([text for group in groups for text in group], tokenizer)
+        sizes = [len(group) for group in groups]
+        ensembled = torch.stack([F.normalize(chunk.mean(0), dim=-1) for chunk in embeds.split(sizes)])
+        num_findings, num_regions = len(findings), len(config.region_names)
+        return {
+            "global": ensembled[:num_findings],
+            "pairs": ensembled[num_findings:].reshape(2, num_regions, num_findings, -1),
+        }
+
+    @torch.no_grad()
+    def zero_shot_scores(self, pixel_values: torch.Tensor, prompts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """
+        Region and image scores of a batch against `prompt_embeds(...)`.
+
+        Returns `pred_boxes` `[B, Q, 4]` (normalised cx, cy, w, h), `region_scores` `[B, Q, F]` (softmax over the
+        prompt pair "<finding> in the <region>" / "no <finding> in the <region>") and `global_scores` `[B, F]`
+        (sigmoid of the [CLS]-vs-finding logit).
+        """
+        features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
+        scale_fine = self.logit_scale_fine.clamp(max=math.log(100)).exp()
+        pair_logits = scale_fine * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], prompts["pairs"])
+        return {
+            "pred_boxes": features["pred_boxes"],
+            "region_scores": pair_logits.softmax(-1)[..., 0],
+            "global_scores": self.global_logits(features["image_embeds"], prompts["global"]).sigmoid(),
+        }
 
     @torch.no_grad()
     def interpret(self, images, processor, findings=None, batch_size: int = 8) -> list[dict]:
@@ -462,33 +492,12 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             raise ValueError(f"interpret: findings must be a non-empty list of non-empty strings, got {findings!r}")
         was_training = self.training
         self.eval()
-        config, tokenizer = self.config, processor.tokenizer
-        global_embeds = torch.stack(
-            [self._prompt_embeds(config.global_prompt_templates, tokenizer, finding=f) for f in findings]
-        )  # [F, D]
-        pair_embeds = torch.stack(
-            [
-                torch.stack(
-                    [
-                        torch.stack(
-                            [self._prompt_embeds(templates, tokenizer, finding=f, region=region) for f in findings]
-                        )
-                        for region in config.region_names
-                    ]
-                )
-                for templates in (config.region_prompt_templates, config.region_negated_prompt_templates)
-            ]
-        )  # [2, Q, F, D]: positive and negated prompts
-        scale_fine = self.logit_scale_fine.clamp(max=math.log(100)).exp()
-        device = self.text_projection.weight.device
+        prompts = self.prompt_embeds(findings, processor.tokenizer)
         results = []
         for start in range(0, len(images), batch_size):
             inputs = processor(images=images[start : start + batch_size], return_tensors="pt")
-            features = self.encode_image(inputs["pixel_values"].to(device, self.text_projection.weight.dtype))
-            pair_logits = scale_fine * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], pair_embeds)
-            region_probs = pair_logits.softmax(-1)[..., 0]  # [B, Q, F]
-            global_probs = self.global_logits(features["image_embeds"], global_embeds).sigmoid()  # [B, F]
-            boxes = processor.post_process_boxes(features["pred_boxes"], inputs["original_sizes"])
+            scores = self.zero_shot_scores(inputs["pixel_values"], prompts)
+            boxes = processor.post_process_boxes(scores["pred_boxes"], inputs["original_sizes"])
             for i, (height, width) in enumerate(inputs["original_sizes"].tolist()):
                 results.append(
                     {
@@ -497,11 +506,11 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                             {
                                 "name": name,
                                 "box": [round(v, 2) for v in boxes[i, q].tolist()],
-                                "scores": dict(zip(findings, region_probs[i, q].tolist())),
+                                "scores": dict(zip(findings, scores["region_scores"][i, q].tolist())),
                             }
-                            for q, name in enumerate(config.region_names)
+                            for q, name in enumerate(self.config.region_names)
                         ],
-                        "findings": dict(zip(findings, global_probs[i].tolist())),
+                        "findings": dict(zip(findings, scores["global_scores"][i].tolist())),
                     }
                 )
         self.train(was_training)

@@ -67,3 +67,19 @@ def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory):
+    """A small phantom set (40 studies, 192 px) in the MIMIC-CXR-JPG + Chest ImaGenome layout. Read-only: copy it
+    before changing anything."""
+    from train.data.phantom import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantom") / "set", n=40, seed=3, size=192, progress=False)
+
+
+@pytest.fixture
+def dataset_cache(tmp_path, monkeypatch):
+    """A private Arrow cache directory for the loaders."""
+    monkeypatch.setenv("ANATOMY_VLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -444,3 +444,9 @@ def test_eval_script_runs_as_a_script():
         [sys.executable, "train/eval_report_parser.py"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "(finding, present, region)" in completed.stdout
+
+
+def test_clear_of_negates_every_finding_it_lists():
+    mentions = parse_report("FINDINGS: The lungs are clear of focal airspace disease, pneumothorax, or pleural effusion.")
+    assert {(m.finding, m.present) for m in mentions} == {
+        ("lung opacity", False), ("pneumothorax", False), ("pleural effusion", False)}

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
+from conftest import tiny_config
 from modeling_anatomy_vlm import ANATOMICAL_REGIONS, AnatomyVLMConfig, AnatomyVLMModel
 
 
@@ -213,3 +214,17 @@ def test_interpret_rejects_empty_findings(tiny_model_and_processor, chest_like_i
     model, processor = tiny_model_and_processor
     with pytest.raises(ValueError, match="findings"):
         model.interpret(chest_like_image, processor, findings=["  "])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = AnatomyVLMModel(tiny_config()).train()
+    pixels, boxes = torch.randn(2, 3, 64, 64), torch.rand(2, 29, 4) * 0.2 + 0.3
+    model(pixel_values=pixels, boxes=boxes).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.vision_model.gradient_checkpointing
+    model(pixel_values=pixels, boxes=boxes).loss.backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -244,6 +244,7 @@ CONTEXT_TRIGGERS: tuple[tuple[str, str, str], ...] = (
     (r"without", NEGATED, PRE),
     (r"negative for", NEGATED, PRE),
     (r"free of", NEGATED, PRE),
+    (r"clear of", NEGATED, PRE),
     (r"absence of", NEGATED, PRE),
     (r"(?:interval )?resolution of", NEGATED, PRE),
     (r"(?:interval )?removal of", NEGATED, PRE),
@@ -873,6 +874,36 @@ def region_texts_for_image(
         all_positives.append(positives)
         all_negatives.append(tuple(t for t in _unique(negatives) if t not in positives))
     return ImageRegionTexts(tuple(all_positives), tuple(all_negatives), tuple(region_names))
+
+
+def possible_region_texts(
+    region_phrases: RegionPhrases,
+    findings: Sequence[str] = DEFAULT_FINDINGS,
+    region_names: Sequence[str] = ANATOMICAL_REGIONS,
+    prompts: RegionPrompts | None = None,
+) -> set[str]:
+    """Every text `region_texts_for_image` can produce for an image with these phrases, whatever the rng.
+
+    The text-embedding cache embeds this set (over a data set) once, so training never runs the text tower:
+    the report phrases and their meaning-changing rewrites, both prompts of every finding in every region,
+    the normal descriptions and the template hard negatives.
+    """
+    prompts = prompts or default_region_prompts()
+    texts = set()
+    for entries in region_phrases.values():
+        for phrase, _ in entries:
+            texts.add(phrase)
+            texts.update(candidate for perturb in _PERTURBERS.values() if (candidate := perturb(phrase)))
+    for region in region_names:
+        texts.add(NORMAL_REGION_TEMPLATE.format(region=region))
+        for finding in findings:
+            texts.update((prompts.render(finding, region), prompts.render(finding, region, negated=True)))
+        plausible = [f for f in REGION_FINDINGS.get(region, ()) if f in set(findings)] or [""]
+        for template in HARD_NEGATIVE_TEMPLATES:
+            for finding in plausible:
+                for severity in HARD_NEGATIVE_SEVERITIES:
+                    texts.add(template.format(region=region, finding=finding, severity=severity))
+    return {normalize_text(t) for t in texts}
 
 
 def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], np.ndarray, np.ndarray]:

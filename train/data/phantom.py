@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
+from train.data.rle import chexmask_rle_decode as rle_decode, chexmask_rle_encode as rle_encode  # noqa: F401
 from train.labels import FINDING_CATEGORY  # one category table for parser and generator
 
 GENERATOR_VERSION = "phantom-1.0"
@@ -175,49 +176,6 @@ class Phantom:
 # ----------------------------------------------------------------------------------------------------------
 # CheXmask RLE and mask files
 # ----------------------------------------------------------------------------------------------------------
-
-
-def rle_encode(mask: np.ndarray) -> str:
-    """CheXmask RLE: "start length ..." with 1-based starts over the row-major flattened H x W mask."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 2:
-        mask = mask.reshape(1, -1)
-    H, W = mask.shape
-    box = _bbox(mask)
-    if box is None:
-        return ""
-    x1, y1, x2, y2 = box
-    crop = np.zeros((y2 - y1, x2 - x1 + 2), dtype=np.int8)
-    crop[:, 1:-1] = mask[y1:y2, x1:x2]
-    rows, cols = np.nonzero(np.diff(crop, axis=1))  # row-major order: alternating run starts and ends
-    flat = (rows + y1) * W + cols + x1
-    starts, ends = flat[0::2], flat[1::2]
-    if len(starts) > 1:  # runs touching the right edge continue on the next row in the flattened image
-        join = np.flatnonzero(starts[1:] == ends[:-1])
-        if join.size:
-            keep_s = np.ones(len(starts), bool)
-            keep_s[join + 1] = False
-            keep_e = np.ones(len(ends), bool)
-            keep_e[join] = False
-            starts, ends = starts[keep_s], ends[keep_e]
-    pairs = np.empty(2 * len(starts), dtype=np.int64)
-    pairs[0::2] = starts + 1
-    pairs[1::2] = ends - starts
-    return " ".join(map(str, pairs.tolist()))
-
-
-def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
-    """Inverse of :func:`rle_encode`: a bool [height, width] mask. Empty / NaN-like strings give an empty mask."""
-    flat = np.zeros(int(height) * int(width), dtype=bool)
-    if isinstance(rle, str) and rle.strip() and rle.strip().lower() != "nan":
-        values = np.array(rle.split(), dtype=np.int64)
-        if len(values) % 2:
-            raise ValueError("RLE string must hold start/length pairs")
-        for start, length in zip(values[0::2] - 1, values[1::2]):
-            if start < 0 or start + length > flat.size:
-                raise ValueError(f"RLE run {start + 1} {length} outside a {height}x{width} mask")
-            flat[start:start + length] = True
-    return flat.reshape(int(height), int(width))
 
 
 def _bbox(mask: np.ndarray):

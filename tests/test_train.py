@@ -1,0 +1,197 @@
+"""The staged trainer: text cache, resume, LoRA, bad data, two-process CPU data parallelism."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_VISION, tiny_config
+from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
+from train import run
+from train.text_cache import TextEmbeddingCache
+
+
+def tiny_train_config(data_root, output_dir, steps=(2, 2, 2), **training) -> dict:
+    return {
+        "model": {"vision_config": dict(TINY_VISION), "projection_dim": 32},
+        "data": {"root": str(data_root), "num_workers": 0, "on_error": "skip"},
+        "training": {"output_dir": str(output_dir), "batch_size": 4, "log_with": None, "log_every": 1,
+                     "checkpoint_every": 0, **training},
+        "stages": [
+            {"name": "detection", "steps": steps[0], "lr": 1e-3, "loss_weights": {"anatomy": 1.0}},
+            {"name": "global", "steps": steps[1], "lr": 5e-4, "warmup_steps": 1, "loss_weights": {"anatomy": 1.0, "global": 1.0}},
+            {"name": "fine", "steps": steps[2], "lr": 5e-4, "loss_weights": {"anatomy": 1.0, "global": 1.0, "fine": 1.0}},
+        ],
+    }
+
+
+def _weights(output_dir):
+    return load_file(str(output_dir / "model" / "model.safetensors"))
+
+
+def test_cached_embeddings_give_the_same_loss(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    texts = ["pleural effusion in the right costophrenic angle", "no pneumothorax in the left apical zone",
+             "The heart is mildly enlarged.", "the spine is normal"]
+    cache = TextEmbeddingCache.build(model, processor.tokenizer, texts + ["unused text"], progress=False)
+    tokens = processor.tokenize(texts)
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 64, 64)
+    positive = torch.zeros(2, 29, len(texts), dtype=torch.bool)
+    positive[0, 6, 0] = positive[1, 13, 1] = positive[0, 24, 2] = positive[1, 17, 3] = True
+    common = dict(pixel_values=pixels, phrase_positive_mask=positive)
+    with torch.no_grad():
+        from_tower = model(phrase_input_ids=tokens["input_ids"], phrase_attention_mask=tokens["attention_mask"], **common)
+        from_cache = model(phrase_text_embeds=cache.lookup(texts), **common)
+    torch.testing.assert_close(from_cache.loss_fine, from_tower.loss_fine, atol=1e-5, rtol=1e-5)
+    with pytest.raises(KeyError, match="not in the text-embedding cache"):
+        cache.lookup(["a text never embedded"])
+
+
+def test_cache_is_rebuilt_for_another_encoder(tiny_model_and_processor, tmp_path):
+    model, processor = tiny_model_and_processor
+    path = tmp_path / "cache.safetensors"
+    first = TextEmbeddingCache.load_or_build(path, model, processor.tokenizer, ["left lung", "right lung"])
+    assert TextEmbeddingCache.load(path).texts == first.texts
+    other = AnatomyVLMModel.from_encoders(tiny_config())
+    with torch.no_grad():
+        other.text_model.embeddings.word_embeddings.weight.mul_(1.5)  # a different encoder
+    rebuilt = TextEmbeddingCache.load_or_build(path, other, processor.tokenizer, ["left lung", "right lung"])
+    assert rebuilt.fingerprint != first.fingerprint
+    assert not torch.allclose(rebuilt.embeddings, first.embeddings)
+
+
+def test_training_never_runs_the_text_tower(phantom_root, tmp_path, dataset_cache, monkeypatch):
+    output = tmp_path / "run"
+    run.train(tiny_train_config(phantom_root, output, steps=(1, 1, 1)))  # builds the text cache
+    from transformers import BertModel
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the text tower ran during training")
+
+    monkeypatch.setattr(BertModel, "forward", forbidden)
+    shutil.rmtree(output / "model")
+    run.train(tiny_train_config(phantom_root, output, steps=(2, 2, 3)))  # all stages, cache reused
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_resume_mid_stage_matches_uninterrupted(phantom_root, tmp_path, dataset_cache):
+    straight = tmp_path / "straight"
+    run.train(tiny_train_config(phantom_root, straight, steps=(3, 3, 3)))
+    resumed = tmp_path / "resumed"
+    run.train(tiny_train_config(phantom_root, resumed, steps=(3, 3, 3), stop_after_steps=5))  # stage 2, step 2
+    state = json.loads((resumed / "checkpoints" / "step_5" / "trainer_state.json").read_text())
+    assert (state["stage"], state["step_in_stage"]) == (1, 2)
+    assert not (resumed / "model").exists()
+    run.train(tiny_train_config(phantom_root, resumed, steps=(3, 3, 3)), resume="latest")
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+    assert any(not torch.equal(a[k], load_file(str(resumed / "checkpoints/step_5/model.safetensors"))[k]) for k in a)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(phantom_root, tmp_path, dataset_cache):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run.train(tiny_train_config(phantom_root, tmp_path / "none"), resume="latest")
+
+
+def test_lora_trains_adapters_and_exports_a_merged_checkpoint(phantom_root, tmp_path, dataset_cache):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    output = tmp_path / "lora"
+    cfg = tiny_train_config(phantom_root, output, lora={"enabled": True, "r": 4, "alpha": 8})
+    run.train(cfg)
+    adapter = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4
+    merged = AutoModel.from_pretrained(output / "model", trust_remote_code=True).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    # base (the same random init: seed 0) + saved adapters == merged export
+    torch.manual_seed(0)
+    base = run.AnatomyVLMModel.from_encoders(run.model_config(cfg))
+    with_adapters = PeftModel.from_pretrained(base, output / "adapter").eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = with_adapters(pixel_values=pixels)
+        got = merged(pixel_values=pixels)
+    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.image_embeds, expected.image_embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_corrupt_training_image_skipped_or_fatal(phantom_root, tmp_path, dataset_cache, caplog):
+    data = shutil.copytree(phantom_root, tmp_path / "data")
+    from train.data.imagenome import load_imagenome
+
+    path = load_imagenome(data, "train")[0]["image"]["path"]
+    open(path, "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    run.train(tiny_train_config(data, tmp_path / "skip", steps=(8, 1, 1)))  # 8 steps: every image is drawn once
+    assert "skipped 1 unreadable images during training" in caplog.text
+    assert path in caplog.text
+    cfg = tiny_train_config(data, tmp_path / "raise", steps=(8, 1, 1))
+    cfg["data"]["on_error"] = "raise"
+    with pytest.raises(ValueError, match=os.path.basename(path)):
+        run.train(cfg)
+
+
+def test_config_overrides_and_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config("d", "o")))
+    cfg = run.load_config(path, ["training.batch_size=16", "stages.2.steps=7", "model.projection_dim=64"])
+    assert (cfg["training"]["batch_size"], cfg["stages"][2]["steps"], cfg["model"]["projection_dim"]) == (16, 7, 64)
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        run.load_config(path, ["stages.0.loss_weights={anatomy: 1, detection: 1}"])
+    with pytest.raises(ValueError, match="key=value"):
+        run.load_config(path, ["training.batch_size"])
+
+
+def test_staged_schedule_warms_up_and_decays_per_stage():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    stages = [{"steps": 4, "lr": 1e-3, "warmup_steps": 2}, {"steps": 4, "lr": 1e-4}]
+    scheduler = run.staged_schedule(optimizer, stages, min_ratio=0.0)
+    lrs = []
+    for _ in range(8):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[2] > lrs[3] > 0
+    assert lrs[4] == pytest.approx(1e-4) and lrs[7] < lrs[5]
+
+
+def test_no_weight_decay_on_norms_biases_queries_and_positions(tiny_model_and_processor):
+    model, _ = tiny_model_and_processor
+    decay, no_decay = run.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "vision_model.anatomy_queries.embeddings" in no_decay_names
+    assert "vision_model.embeddings.position_embeddings" in no_decay_names
+    assert all(n.endswith("bias") or "norm" in n or "logit" in n or "embeddings" in n or "cls" in n
+               for n in no_decay_names)
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert not any(names[id(p)].startswith("text_model.") for p in decay["params"] + no_decay["params"])
+
+
+def test_two_cpu_processes_keep_identical_replicas(phantom_root, tmp_path, dataset_cache):
+    output = tmp_path / "ddp"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(phantom_root, output, steps=(2, 2, 2))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        # accelerate 1.15 starts ONE process for `--cpu --num_processes 2` (it needs mpirun for more); `--multi_gpu`
+        # on a machine without GPUs starts two through torchrun, and they train on CPU over gloo.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "run.py"), "--config", str(config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checksums = json.loads((output / "replica_checksums.json").read_text())
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (output / "model" / "model.safetensors").is_file()

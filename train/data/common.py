@@ -1,0 +1,262 @@
+"""What every image-text loader shares: the row schema, label arrays, bad-data policy, Arrow cache, transform.
+
+Every loader (Chest ImaGenome + MIMIC-CXR-JPG, IU-Xray; the phantom set is read as Chest ImaGenome) returns a
+`datasets.Dataset` with the columns of `features(num_regions, num_findings)`:
+
+* ``image``: `datasets.Image(decode=False)`, i.e. the file path; pixels are decoded lazily by `make_transform`
+  through the model's own image loader, so PNG, JPEG and DICOM all work and a corrupt file gets our error.
+* ``image_id``, ``study_id``, ``subject_id``, ``split``, ``report`` (full report text, "" when unknown).
+* ``width``, ``height``: original image size in pixels.
+* ``boxes``: ``[R][4]`` float32 ``(x1, y1, x2, y2)`` in original pixels, NaN rows = region not annotated.
+* ``region_phrases``: list of ``{"region", "phrase", "attributes": ["category|yes|label", ...]}``.
+* ``region_labels``: ``[R][F]`` int8, 1 = present, 0 = said absent, -1 = not mentioned for that region.
+* ``global_labels``: ``[F]`` int8, 1 = present anywhere, 0 = said absent and never present, -1 = not mentioned.
+* ``mesh``: list of MeSH tags (IU-Xray; empty elsewhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger("anatomy_vlm.data")
+
+ON_ERROR = ("skip", "raise")
+_CACHE_VERSION = "1"
+
+
+def features(num_regions: int, num_findings: int):
+    import datasets
+
+    return datasets.Features({
+        "image": datasets.Image(decode=False),
+        "image_id": datasets.Value("string"),
+        "study_id": datasets.Value("string"),
+        "subject_id": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "report": datasets.Value("string"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "boxes": datasets.Array2D((num_regions, 4), "float32"),
+        "region_phrases": datasets.List({
+            "region": datasets.Value("string"),
+            "phrase": datasets.Value("string"),
+            "attributes": datasets.List(datasets.Value("string")),
+        }),
+        "region_labels": datasets.Array2D((num_regions, num_findings), "int8"),
+        "global_labels": datasets.List(datasets.Value("int8"), length=num_findings),
+        "mesh": datasets.List(datasets.Value("string")),
+    })
+
+
+class DataProblems:
+    """Counts what a loader skipped, clipped or dropped, and applies the skip-or-raise policy.
+
+    `problem(path, message)` raises ``ValueError("{path}: {message}")`` under ``on_error="raise"``; under
+    ``"skip"`` it counts the problem and keeps the first examples for the summary `log` prints.
+    """
+
+    def __init__(self, name: str, on_error: str = "skip"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.name, self.on_error = name, on_error
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def problem(self, kind: str, path, message: str) -> None:
+        text = f"{path}: {message}"
+        if self.on_error == "raise":
+            raise ValueError(text)
+        self.count(kind)
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < 3:
+            self.examples[kind].append(text)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] += n
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+    def log(self, num_rows: int) -> None:
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "no problems"
+        logger.info("%s: %d images; %s", self.name, num_rows, summary)
+        for kind, examples in self.examples.items():
+            for text in examples:
+                logger.warning("%s: %s (%s)", self.name, text, kind)
+
+
+def clean_boxes(boxes: np.ndarray, width: int, height: int, problems: DataProblems) -> np.ndarray:
+    """Clip `[R, 4]` xyxy pixel boxes to the image; boxes left without area become NaN (masked). Counts both."""
+    boxes = np.asarray(boxes, dtype=np.float32).copy()
+    present = ~np.isnan(boxes).any(axis=1)
+    problems.count("boxes missing", int((~present).sum()))
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    moved = present & (np.abs(clipped - boxes) > 1e-3).any(axis=1)
+    empty = present & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+    problems.count("boxes clipped", int((moved & ~empty).sum()))
+    problems.count("boxes dropped (no area)", int(empty.sum()))
+    clipped[empty] = np.nan
+    return clipped
+
+
+def label_arrays(
+    region_phrases: dict[str, list[tuple[str, list[tuple[str, bool, str]]]]],
+    findings: Sequence[str],
+    region_names: Sequence[str],
+    extra_triples: Iterable[tuple[str, bool, str]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Region labels ``[R, F]`` and global labels ``[F]`` (1 / 0 / -1 as in the module docstring).
+
+    `region_phrases` is `train.labels.RegionPhrases`; `extra_triples` adds (category, present, label) facts
+    that count for the image but belong to no modelled region (e.g. Chest ImaGenome's 7 ignored boxes).
+    """
+    column = {f: j for j, f in enumerate(findings)}
+    row = {r: i for i, r in enumerate(region_names)}
+    region = np.full((len(region_names), len(findings)), -1, dtype=np.int8)
+    global_ = np.full(len(findings), -1, dtype=np.int8)
+
+    def mark(target: np.ndarray, index, present: bool) -> None:
+        target[index] = 1 if present else max(int(target[index]), 0)  # present wins over absent
+
+    for name, entries in region_phrases.items():
+        for _, triples in entries:
+            for _, present, label in triples:
+                if label in column:
+                    if name in row:
+                        mark(region, (row[name], column[label]), present)
+                    mark(global_, column[label], present)
+    for _, present, label in extra_triples:
+        if label in column:
+            mark(global_, column[label], present)
+    return region, global_
+
+
+def phrase_rows(region_phrases) -> list[dict]:
+    """`RegionPhrases` -> the ``region_phrases`` column value."""
+    return [
+        {"region": region, "phrase": phrase, "attributes": [f"{c}|{'yes' if p else 'no'}|{l}" for c, p, l in triples]}
+        for region, entries in region_phrases.items()
+        for phrase, triples in entries
+    ]
+
+
+def region_phrases_of(row_value: list[dict]):
+    """The ``region_phrases`` column value -> `RegionPhrases` (what `train.labels.region_texts_for_image` takes)."""
+    result: dict[str, list] = {}
+    for item in row_value:
+        triples = []
+        for attribute in item["attributes"]:
+            category, answer, label = attribute.split("|", 2)
+            triples.append((category, answer == "yes", label))
+        result.setdefault(item["region"], []).append((item["phrase"], triples))
+    return result
+
+
+# --------------------------------------------------------------------------------------------- Arrow cache
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ANATOMY_VLM_CACHE", Path.home() / ".cache" / "anatomy_vlm")) / "datasets"
+
+
+def file_signature(path) -> str:
+    """Size and mtime of a file or directory (a directory's mtime changes when files are added or removed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def cached_dataset(name: str, key: dict, build: Callable[[], tuple[list[dict], DataProblems]], feats,
+                   cache_dir=None, overwrite: bool = False):
+    """Load the Arrow copy of a loader's table keyed by `key` (arguments + source file signatures), or build it.
+
+    The first load parses the sources (slow: JSON / XML per image); later loads memory-map the Arrow file.
+    """
+    import datasets
+
+    digest = hashlib.sha256(json.dumps({"v": _CACHE_VERSION, **key}, sort_keys=True, default=str).encode()).hexdigest()
+    path = Path(cache_dir or default_cache_dir()) / f"{name}-{digest[:16]}"
+    stats_path = path / "anatomy_vlm_stats.json"
+    if path.is_dir() and stats_path.is_file() and not overwrite:
+        dataset = datasets.load_from_disk(str(path))
+        logger.info("%s: loaded %d rows from the Arrow cache %s", name, len(dataset), path)
+        return dataset.cast_column("image", feats["image"])
+    rows, problems = build()
+    problems.log(len(rows))
+    if not rows:
+        raise ValueError(f"{name}: no usable images ({problems.as_dict()['counts']}); check the paths")
+    # Paths are stored as strings: `save_to_disk` would copy every image's bytes into an Image column.
+    stored = datasets.Features({**feats, "image": datasets.Value("string")})
+    columns = {column: [r[column] for r in rows] for column in feats}
+    dataset = datasets.Dataset.from_dict(columns, features=stored)
+    tmp = path.with_name(path.name + ".tmp")
+    dataset.save_to_disk(str(tmp))
+    (tmp / "anatomy_vlm_stats.json").write_text(json.dumps(problems.as_dict(), indent=2))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)  # only complete caches ever carry the final name
+    return datasets.load_from_disk(str(path)).cast_column("image", feats["image"])
+
+
+# --------------------------------------------------------------------------------------------- transform
+def make_transform(processor, on_error: str = "skip") -> Callable[[dict], dict]:
+    """A `Dataset.set_transform` function: decodes images with the model's loader and runs the processor.
+
+    Adds ``pixel_values`` [3, S, S], ``original_sizes`` [2] (H, W), ``target_boxes`` [R, 4] (normalised cx, cy,
+    w, h; the pixel ``boxes`` stay) and ``box_mask`` [R]. An image that cannot be read raises under ``on_error="raise"``; under ``"skip"`` it
+    yields ``image_ok = False`` (zero pixels) so the collator can drop it and count it.
+    """
+    import torch
+
+    from modeling_anatomy_vlm.image_processing_anatomy_vlm import ImageLoadError
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    image_processor = getattr(processor, "image_processor", processor)
+    size, channels = image_processor.size, image_processor.num_channels
+
+    def transform(batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if k != "image"}
+        pixels, sizes, targets, masks, ok = [], [], [], [], []
+        for image, raw_boxes, width, height in zip(batch["image"], batch["boxes"], batch["width"], batch["height"]):
+            source = image["path"] if image["bytes"] is None else Image.open(io.BytesIO(image["bytes"]))
+            raw_boxes = np.asarray(raw_boxes, dtype=np.float32)
+            try:
+                encoded = image_processor([source], boxes=[raw_boxes])
+                got = tuple(encoded["original_sizes"][0].tolist())
+                if got != (height, width):
+                    raise ImageLoadError(f"{image['path']}: image is {got[1]}x{got[0]} px but the index says "
+                                         f"{width}x{height}; its boxes would be misplaced")
+            except ImageLoadError as error:
+                if on_error == "raise":
+                    raise
+                logger.warning("skipping image: %s", error)
+                pixels.append(torch.zeros(channels, size, size))
+                sizes.append(torch.tensor([height, width]))
+                targets.append(torch.zeros(len(raw_boxes), 4))
+                masks.append(torch.zeros(len(raw_boxes), dtype=torch.bool))
+                ok.append(False)
+                continue
+            pixels.append(encoded["pixel_values"][0])
+            sizes.append(encoded["original_sizes"][0])
+            targets.append(encoded["boxes"][0])
+            masks.append(encoded["box_mask"][0])
+            ok.append(True)
+        out.update(pixel_values=pixels, original_sizes=sizes, target_boxes=targets, box_mask=masks, image_ok=ok)
+        return out
+
+    return transform

@@ -1,0 +1,282 @@
+"""Chest ImaGenome (silver scene graphs) + MIMIC-CXR-JPG images -> `datasets.Dataset` (schema: `train.data.common`).
+
+The phantom set is written in these layouts and read here too, so one code path serves both::
+
+    load_imagenome("data/phantom-quickstart", split="train")            # root holding both folders below
+    load_imagenome(split="test",
+                   imagenome_dir="chest-imagenome/1.0.0",            # holds silver_dataset/
+                   mimic_cxr_jpg_dir="mimic-cxr-jpg/2.0.0",          # holds files/ and the metadata CSV
+                   reports_dir="mimic-cxr/2.0.0")                   # optional: holds files/pXX/pN/sM.txt
+
+Rows come from ``silver_dataset/splits/{train,valid,test}.csv``; the image is the MIMIC-CXR-JPG file named by its
+``path`` column (``.dcm`` -> ``.jpg``). Boxes are the objects' ``original_x1..original_y2`` (pixels of the original
+image). In the objects, ``original_width`` / ``original_height`` are the BOX's width and height
+(``original_x2 - original_x1``), not the image's: the image size comes from ``Rows`` / ``Columns`` of
+``mimic-cxr-2.0.0-metadata.csv`` (or the JPEG header when the table lacks the image). Boxes sticking out of the
+image are clipped, boxes left without area are dropped (NaN, masked in the loss), and the counts are logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
+from train.data.common import (
+    DataProblems, cached_dataset, clean_boxes, features, file_signature, label_arrays, phrase_rows,
+)
+from train.labels import scene_graph_region_phrases
+
+SPLIT_FILES = {"train": "train", "validate": "valid", "valid": "valid", "val": "valid", "test": "test"}
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
+
+
+def _open_table(path: Path):
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with _open_table(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _find_table(directory: Path, name: str) -> Path | None:
+    for candidate in (directory / name, directory / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _image_sizes(mimic_dir: Path) -> dict[str, tuple[int, int]]:
+    """dicom_id -> (height, width) from the MIMIC-CXR-JPG metadata table (Rows, Columns); {} without it."""
+    table = _find_table(mimic_dir, METADATA_CSV)
+    if table is None:
+        return {}
+    sizes = {}
+    for row in _read_rows(table):
+        try:
+            sizes[row["dicom_id"]] = (int(float(row["Rows"])), int(float(row["Columns"])))
+        except (KeyError, ValueError):
+            continue
+    return sizes
+
+
+def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
+    """One split row -> (dataset row or None, problems [(kind, path, message)], counts). Runs in workers."""
+    (entry, jpg, scene_graph_path, report_path, size, region_names, findings) = args
+    problems, counts = [], {}
+    if not jpg.is_file():
+        return None, [("image missing", str(jpg), "image file not found")], counts
+    try:
+        graph = json.loads(scene_graph_path.read_text())
+        if not isinstance(graph, dict) or not isinstance(graph.get("objects"), list):
+            raise ValueError("no 'objects' list")
+        region_phrases = scene_graph_region_phrases(graph, region_names)
+        names = set(region_names)
+        extra = []  # facts about the boxes the model ignores still count for the image-level labels
+        for item in graph.get("attributes", []):
+            if item.get("bbox_name") not in names:
+                for attributes in item.get("attributes", []):
+                    for attribute in attributes:
+                        category, answer, label = attribute.split("|", 2)
+                        extra.append((category, answer == "yes", label))
+    except FileNotFoundError:
+        return None, [("scene graph missing", str(scene_graph_path), "scene graph file not found")], counts
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        return None, [("scene graph malformed", str(scene_graph_path), f"malformed scene graph ({error})")], counts
+    if size is None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(jpg) as image:  # reads the header only
+                size = (image.height, image.width)
+        except (OSError, UnidentifiedImageError) as error:
+            return None, [("image unreadable", str(jpg), f"not a readable image ({error})")], counts
+    height, width = size
+
+    boxes = np.full((len(region_names), 4), np.nan, dtype=np.float32)
+    index = {name: i for i, name in enumerate(region_names)}
+    for obj in graph["objects"]:
+        i = index.get(obj.get("bbox_name"))
+        if i is None:
+            continue
+        try:
+            boxes[i] = [float(obj[k]) for k in ("original_x1", "original_y1", "original_x2", "original_y2")]
+        except (KeyError, TypeError, ValueError):
+            problems.append(("box unreadable", str(scene_graph_path), f"object {obj.get('bbox_name')!r} has no "
+                                                                       "numeric original_x1..original_y2"))
+    local = DataProblems("row", "skip")
+    boxes = clean_boxes(boxes, width, height, local)
+    counts = dict(local.counts)
+    region_labels, global_labels = label_arrays(region_phrases, findings, region_names, extra)
+    report = ""
+    if report_path is not None and report_path.is_file():
+        report = report_path.read_text(errors="replace")
+    row = {
+        "image": str(jpg),
+        "image_id": entry["dicom_id"],
+        "study_id": str(entry.get("study_id", "")),
+        "subject_id": str(entry.get("subject_id", "")),
+        "split": entry["split"],
+        "report": report,
+        "width": width,
+        "height": height,
+        "boxes": boxes,
+        "region_phrases": phrase_rows(region_phrases),
+        "region_labels": region_labels,
+        "global_labels": global_labels.tolist(),
+        "mesh": [],
+    }
+    return row, problems, counts
+
+
+def _jpg_path(mimic_dir: Path, entry: dict) -> Path:
+    rel = entry.get("path") or ""
+    if rel:
+        rel = rel.split("files/", 1)[-1] if "files/" in rel else rel
+        return mimic_dir / "files" / Path(rel).with_suffix(".jpg")
+    subject = str(entry["subject_id"])
+    return mimic_dir / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{entry['study_id']}" / f"{entry['dicom_id']}.jpg"
+
+
+def load_imagenome(
+    root=None,
+    split: str = "train",
+    *,
+    imagenome_dir=None,
+    mimic_cxr_jpg_dir=None,
+    reports_dir=None,
+    region_names: Sequence[str] = ANATOMICAL_REGIONS,
+    findings: Sequence[str] = DEFAULT_FINDINGS,
+    skip_images_to_avoid: bool = True,
+    on_error: str = "skip",
+    max_images: int | None = None,
+    num_proc: int = 1,
+    cache_dir=None,
+    overwrite_cache: bool = False,
+):
+    """Chest ImaGenome split as a `datasets.Dataset` (columns in `train.data.common`), Arrow-cached.
+
+    Args:
+        root: a folder holding ``chest-imagenome/``, ``mimic-cxr-jpg/`` and optionally ``mimic-cxr-reports/``
+            (the phantom layout); or give the three folders separately.
+        split: ``train``, ``validate`` (``valid``) or ``test``.
+        skip_images_to_avoid: drop the images in ``splits/images_to_avoid.csv`` (the gold-standard images).
+        on_error: ``"skip"`` counts and logs bad rows (missing image, missing or malformed scene graph);
+            ``"raise"`` stops at the first one with a `ValueError` naming the file.
+        max_images: keep the first N rows of the split (quick experiments).
+        num_proc: worker processes for parsing scene graphs on the first load.
+    """
+    if root is not None:
+        root = Path(root)
+        imagenome_dir = imagenome_dir or root / "chest-imagenome"
+        mimic_cxr_jpg_dir = mimic_cxr_jpg_dir or root / "mimic-cxr-jpg"
+        if reports_dir is None and (root / "mimic-cxr-reports").is_dir():
+            reports_dir = root / "mimic-cxr-reports"
+    if imagenome_dir is None or mimic_cxr_jpg_dir is None:
+        raise ValueError("load_imagenome: give `root`, or both `imagenome_dir` and `mimic_cxr_jpg_dir`")
+    silver = Path(imagenome_dir) / "silver_dataset"
+    mimic_dir = Path(mimic_cxr_jpg_dir)
+    if split not in SPLIT_FILES:
+        raise ValueError(f"load_imagenome: unknown split {split!r}; use one of train, validate, test")
+    split_csv = silver / "splits" / f"{SPLIT_FILES[split]}.csv"
+    for path, what in ((silver, "Chest ImaGenome silver_dataset folder"), (split_csv, "split table"),
+                       (silver / "scene_graph", "scene_graph folder (unzip scene_graph.zip)"),
+                       (mimic_dir / "files", "MIMIC-CXR-JPG files/ folder")):
+        if not path.exists():
+            raise FileNotFoundError(f"load_imagenome: {path}: {what} not found")
+    avoid_csv = silver / "splits" / "images_to_avoid.csv"
+    split_name = "validate" if SPLIT_FILES[split] == "valid" else split
+    key = {
+        "split": split_name, "silver": str(silver.resolve()), "mimic": str(mimic_dir.resolve()),
+        "reports": str(Path(reports_dir).resolve()) if reports_dir else None,
+        "regions": list(region_names), "findings": list(findings), "avoid": skip_images_to_avoid,
+        "max_images": max_images, "on_error": on_error,
+        "sources": [file_signature(p) for p in (split_csv, avoid_csv, silver / "scene_graph",
+                                                 _find_table(mimic_dir, METADATA_CSV) or "none")],
+    }
+
+    def build():
+        problems = DataProblems(f"imagenome[{split_name}]", on_error)
+        entries = _read_rows(split_csv)
+        if entries and "dicom_id" not in entries[0]:
+            raise ValueError(f"{split_csv}: no dicom_id column (columns: {list(entries[0])})")
+        if skip_images_to_avoid and avoid_csv.is_file():
+            avoid = {row["dicom_id"] for row in _read_rows(avoid_csv)}
+            kept = [e for e in entries if e["dicom_id"] not in avoid]
+            problems.count("images_to_avoid skipped", len(entries) - len(kept))
+            entries = kept
+        if max_images is not None:
+            entries = entries[:max_images]
+        sizes = _image_sizes(mimic_dir)
+        jobs = []
+        for entry in entries:
+            entry = {**entry, "split": split_name}
+            report = None
+            if reports_dir is not None:
+                s = str(entry["subject_id"])
+                report = Path(reports_dir) / "files" / f"p{s[:2]}" / f"p{s}" / f"s{entry['study_id']}.txt"
+            jobs.append((entry, _jpg_path(mimic_dir, entry), silver / "scene_graph" / f"{entry['dicom_id']}_SceneGraph.json",
+                         report, sizes.get(entry["dicom_id"]), tuple(region_names), tuple(findings)))
+        from tqdm import tqdm
+
+        rows = []
+        bar = dict(total=len(jobs), desc=f"imagenome[{split_name}] index", unit="img", mininterval=2.0,
+                   disable=len(jobs) < 2000)
+        if num_proc > 1 and len(jobs) > 256:
+            with ProcessPoolExecutor(num_proc) as pool:
+                results = tqdm(pool.map(_parse_one, jobs, chunksize=64), **bar)
+                rows = _collect(results, problems)
+        else:
+            rows = _collect(tqdm(map(_parse_one, jobs), **bar), problems)
+        return rows, problems
+
+    return cached_dataset(f"imagenome-{split_name}", key, build, features(len(region_names), len(findings)),
+                          cache_dir=cache_dir, overwrite=overwrite_cache)
+
+
+def _collect(results, problems: DataProblems) -> list[dict]:
+    rows = []
+    for row, row_problems, counts in results:
+        for kind, path, message in row_problems:
+            problems.problem(kind, path, message)
+        for kind, n in counts.items():
+            problems.count(kind, n)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    """Index a split (and fill the Arrow cache); prints the counts and the time taken."""
+    import argparse
+    import logging
+    import time
+
+    parser = argparse.ArgumentParser(description="Index a Chest ImaGenome + MIMIC-CXR-JPG split into the Arrow cache.")
+    parser.add_argument("--root", help="folder holding chest-imagenome/ and mimic-cxr-jpg/ (phantom layout)")
+    parser.add_argument("--imagenome-dir")
+    parser.add_argument("--mimic-cxr-jpg-dir")
+    parser.add_argument("--reports-dir")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--overwrite-cache", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    dataset = load_imagenome(args.root, args.split, imagenome_dir=args.imagenome_dir,
+                             mimic_cxr_jpg_dir=args.mimic_cxr_jpg_dir, reports_dir=args.reports_dir,
+                             num_proc=args.num_proc, overwrite_cache=args.overwrite_cache)
+    seconds = time.perf_counter() - start
+    print(f"{len(dataset)} images in {seconds:.1f} s ({1e4 * seconds / max(1, len(dataset)):.1f} s per 10k images)")
+
+
+if __name__ == "__main__":
+    main()

