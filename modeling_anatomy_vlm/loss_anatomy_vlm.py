@@ -5,7 +5,26 @@ Box convention everywhere: normalised (cx, cy, w, h) in the processed (resized +
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss
+
+
+def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def generalized_box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Elementwise GIoU of (cx, cy, w, h) boxes `[..., 4]`: clamps instead of boolean masks, so it compiles
+    into one graph and never syncs with the host."""
+    a, b = _cxcywh_to_xyxy(boxes_a), _cxcywh_to_xyxy(boxes_b)
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    inter = ((torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+             * (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0))
+    union = area_a + area_b - inter
+    hull = ((torch.maximum(a[..., 2], b[..., 2]) - torch.minimum(a[..., 0], b[..., 0]))
+            * (torch.maximum(a[..., 3], b[..., 3]) - torch.minimum(a[..., 1], b[..., 1])))
+    iou = inter / (union + eps)
+    return iou - (hull - union) / (hull + eps)
 
 
 def detection_loss(
@@ -30,7 +49,9 @@ def detection_loss(
         `(weighted_loss, l1, giou)`, each a scalar: mean per present box (L1 summed over the 4 coordinates).
     """
     box_mask = box_mask.bool()
-    if not torch.compiler.is_compiling():  # a data check; skipped inside a compiled step to avoid a host sync
+    # A data check. Reading its result is a host-device sync, so it runs on CPU tensors only (and never inside a
+    # compiled step); on GPUs the loaders and the processor already mask boxes without area.
+    if pred_boxes.device.type == "cpu" and not torch.compiler.is_compiling():
         degenerate = box_mask & ((target_boxes[..., 2] <= 0) | (target_boxes[..., 3] <= 0))
         if degenerate.any():
             raise ValueError(
@@ -42,11 +63,7 @@ def detection_loss(
     # Masked rows get a harmless dummy target so GIoU never sees a degenerate box.
     safe_targets = torch.where(box_mask[..., None], target_boxes, pred_boxes.detach())
     l1 = (F.l1_loss(pred_boxes, safe_targets, reduction="none").sum(-1) * weights).sum() / num_boxes
-    giou = generalized_box_iou_loss(
-        box_convert(pred_boxes, "cxcywh", "xyxy").reshape(-1, 4),
-        box_convert(safe_targets, "cxcywh", "xyxy").reshape(-1, 4),
-        reduction="none",
-    ).reshape(weights.shape)
+    giou = 1 - generalized_box_iou(pred_boxes, safe_targets)  # [B, Q]
     giou = (giou * weights).sum() / num_boxes
     return l1_weight * l1 + giou_weight * giou, l1, giou
 

@@ -226,7 +226,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         hidden = config.vision_config.hidden_size
         self.vision_model = AnatomyVisionTransformer(config)
         self.box_head = AnatomyBoxHead(hidden, config.box_head_layers)
-        self.visual_projection = nn.Linear(hidden, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
         self.region_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
         self.text_model = AutoModel.from_config(config.text_config, add_pooling_layer=False)
         self.text_model.requires_grad_(False)
@@ -287,15 +287,24 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- features
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the vision tower once and return boxes, normalised image and region embeddings and hidden states."""
+        """Run the vision tower once and return boxes, normalised image and region embeddings and hidden states.
+
+        A region embedding joins its anatomy token with the mean of the patch tokens inside the region's predicted
+        box (`box_pooling_weights`), so it carries what that region looks like in this image, not only which
+        region it is. The image embedding joins [CLS] with the mean of all patch tokens.
+        """
         hidden = self.vision_model(pixel_values)  # [B, 1 + N + Q, hidden]
         num_queries = self.config.num_anatomy_queries
         cls_token, patch_tokens, anatomy_tokens = hidden[:, 0], hidden[:, 1:-num_queries], hidden[:, -num_queries:]
-        pooled_patches = patch_tokens.mean(dim=1, keepdim=True).expand_as(anatomy_tokens)
-        region_embeds = self.region_projection(torch.cat([anatomy_tokens, pooled_patches], dim=-1))
+        pred_boxes = self.box_head(anatomy_tokens)
+        # Detached: where the boxes go is the detection loss's business, not the alignment losses'.
+        weights = box_pooling_weights(pred_boxes.detach(), self.vision_model.embeddings.grid_size)  # [B, Q, N]
+        region_patches = weights.to(patch_tokens.dtype) @ patch_tokens  # [B, Q, hidden]
+        region_embeds = self.region_projection(torch.cat([anatomy_tokens, region_patches], dim=-1))
+        image_embeds = self.visual_projection(torch.cat([cls_token, patch_tokens.mean(dim=1)], dim=-1))
         return {
-            "pred_boxes": self.box_head(anatomy_tokens),
-            "image_embeds": F.normalize(self.visual_projection(cls_token), dim=-1),
+            "pred_boxes": pred_boxes,
+            "image_embeds": F.normalize(image_embeds, dim=-1),
             "region_embeds": F.normalize(region_embeds, dim=-1),
             "last_hidden_state": hidden,
         }
@@ -458,7 +467,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
 
         Returns `pred_boxes` `[B, Q, 4]` (normalised cx, cy, w, h), `region_scores` `[B, Q, F]` (softmax over the
         prompt pair "<finding> in the <region>" / "no <finding> in the <region>") and `global_scores` `[B, F]`
-        (sigmoid of the [CLS]-vs-finding logit).
+        (sigmoid of the image-vs-finding logit).
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
         scale_fine = self.logit_scale_fine.clamp(max=math.log(100)).exp()
@@ -483,7 +492,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             One dict per image: `{"image_size": [W, H], "regions": [{"name", "box": [x1, y1, x2, y2] in original
             pixels, "scores": {finding: probability}}, ...], "findings": {finding: probability}}`. A region score
             is the softmax over the prompt pair "<finding> in the <region>" / "no <finding> in the <region>";
-            a global score is the sigmoid of the [CLS]-vs-finding logit.
+            a global score is the sigmoid of the image-vs-finding logit.
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -515,6 +524,22 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                 )
         self.train(was_training)
         return results
+
+
+def box_pooling_weights(boxes: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """`[B, Q, g*g]` weights (rows sum to 1): the fraction of each patch covered by each (cx, cy, w, h) box.
+
+    A box smaller than a patch still pools the patch(es) it lies in; a box with no area pools nothing.
+    """
+    edges = torch.arange(grid_size, device=boxes.device, dtype=torch.float32) / grid_size  # left / top patch edges
+    cx, cy, w, h = boxes.float().unbind(-1)  # [B, Q]
+
+    def overlap(low, high):  # [B, Q, g]: covered fraction of each patch interval
+        return ((torch.minimum(high[..., None], edges + 1 / grid_size) - torch.maximum(low[..., None], edges))
+                .clamp(min=0) * grid_size)
+
+    weights = (overlap(cy - h / 2, cy + h / 2)[..., :, None] * overlap(cx - w / 2, cx + w / 2)[..., None, :]).flatten(-2)
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-6)
 
 
 def interpolate_position_embeddings(position_embeddings: torch.Tensor, grid_size: int) -> torch.Tensor:

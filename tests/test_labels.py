@@ -301,10 +301,11 @@ def test_region_texts_positives_and_negatives():
     item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), np.random.default_rng(0), perturb_prob=0.0)
     assert item.region_names == ANATOMICAL_REGIONS and len(item.positives) == len(item.negatives) == 29
 
-    # region with a finding: its phrase and the true prompt; the negated prompt is a negative; no "normal" text
+    # region with a finding: its phrase and the true prompt; the negated prompt and "normal" are negatives
     rcpa = R["right costophrenic angle"]
     assert item.positives[rcpa] == ("Small right pleural effusion.", "pleural effusion in the right costophrenic angle")
-    assert item.negatives[rcpa] == ("no pleural effusion in the right costophrenic angle",)
+    assert item.negatives[rcpa] == ("no pleural effusion in the right costophrenic angle",
+                                    "the right costophrenic angle is normal")
 
     # region the report calls normal: phrase, negated prompts and normal description are positives
     right_lung = R["right lung"]

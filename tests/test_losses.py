@@ -86,3 +86,18 @@ def test_infonce_positive_overrides_explicit_negative_and_rows_without_positives
     loss = region_phrase_contrastive_loss(logits, positive, negative)
     expected = -math.log(math.e / (math.e + 1.0))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_generalized_box_iou_matches_torchvision():
+    from torchvision.ops import box_convert
+    from torchvision.ops import generalized_box_iou as reference
+
+    from modeling_anatomy_vlm.loss_anatomy_vlm import generalized_box_iou
+
+    torch.manual_seed(0)
+    a = torch.cat([torch.rand(50, 2), torch.rand(50, 2) * 0.5 + 0.01], dim=1)
+    b = torch.cat([torch.rand(50, 2), torch.rand(50, 2) * 0.5 + 0.01], dim=1)
+    b[:5] = a[:5]  # identical boxes: GIoU 1
+    expected = torch.diagonal(reference(box_convert(a, "cxcywh", "xyxy"), box_convert(b, "cxcywh", "xyxy")))
+    torch.testing.assert_close(generalized_box_iou(a, b), expected, atol=1e-4, rtol=1e-4)  # eps differs
+    torch.testing.assert_close(generalized_box_iou(a[:5], b[:5]), torch.ones(5), atol=1e-4, rtol=0)

@@ -228,3 +228,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(pixel_values=pixels, boxes=boxes).loss.backward()
     for name, grad in plain.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_box_pooling_weights_cover_the_box():
+    from modeling_anatomy_vlm.modeling_anatomy_vlm import box_pooling_weights
+
+    # grid 4x4; box = the top-left 2x2 patches, and a box smaller than one patch around patch (row 3, col 2)
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.625, 0.875, 0.05, 0.05]]])
+    weights = box_pooling_weights(boxes, 4).reshape(1, 2, 4, 4)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(1, 2))
+    assert weights[0, 0, :2, :2].sum() > 0.9 and weights[0, 0, 2:, 2:].sum() < 0.01
+    assert weights[0, 1].argmax() == 3 * 4 + 2
+
+
+def test_region_embeddings_depend_on_the_region_content(tiny_model_and_processor):
+    model, _ = tiny_model_and_processor
+    torch.manual_seed(0)
+    a = torch.randn(1, 3, 64, 64)
+    b = a.clone()
+    with torch.no_grad():
+        boxes = model.encode_image(a)["pred_boxes"][0]
+        x1, x2 = int((boxes[24, 0] - boxes[24, 2] / 2) * 64), int((boxes[24, 0] + boxes[24, 2] / 2) * 64)
+        b[..., :, max(x1, 0):max(x2, x1 + 8)] += 3.0  # change the pixels under the cardiac silhouette's box
+        ea, eb = model.encode_image(a)["region_embeds"], model.encode_image(b)["region_embeds"]
+    assert (ea[0, 24] - eb[0, 24]).norm() > 1e-3

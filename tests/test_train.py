@@ -195,3 +195,29 @@ def test_two_cpu_processes_keep_identical_replicas(phantom_root, tmp_path, datas
     checksums = json.loads((output / "replica_checksums.json").read_text())
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert (output / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_segmentation_task_on_the_same_loop(phantom_root, tmp_path, dataset_cache, tiny_model_and_processor, mode):
+    from train.evaluate_segmentation import evaluate_segmentation
+
+    model, processor = tiny_model_and_processor
+    init = tmp_path / "init"
+    model.save_pretrained(init)
+    processor.save_pretrained(init)
+    cfg = {
+        "task": "segmentation",
+        "model": {"init_from": str(init), "labels": ["right lung", "left lung", "heart"], "mode": mode},
+        "data": {"dataset": "phantom", "root": str(phantom_root), "num_workers": 0},
+        "training": {"output_dir": str(tmp_path / "seg"), "batch_size": 4, "log_with": None, "eval_every": 3},
+        "stages": [{"name": "segmentation", "steps": 3, "lr": 1e-3}],
+    }
+    run.train(cfg)
+    trained = load_file(str(tmp_path / "seg" / "model" / "model.safetensors"))
+    encoder = {k: v for k, v in model.state_dict().items() if k.startswith("vision_model.")}
+    changed = [k for k in encoder if not torch.equal(trained[k], encoder[k])]
+    assert (changed == []) == (mode == "frozen")
+    metrics = evaluate_segmentation(tmp_path / "seg" / "model", phantom_root, "test", tmp_path / "eval")
+    assert set(metrics["dice"]) == {"right lung", "left lung", "heart"}
+    assert all(0 <= v <= 1 for v in metrics["dice"].values())
+    assert (tmp_path / "eval" / "segmentation_samples.png").stat().st_size > 1000

@@ -15,13 +15,15 @@ config (detection 300 / detection + global 200 / all three 400 steps):
     global + detection   anatomy    | anatomy + global    | anatomy + global
     + fine-grained       anatomy    | anatomy + global    | anatomy + global + fine   (the config as is)
 
-A head whose loss is off stays at its initialisation, so its metrics sit at chance (e.g. the detection mAP of
-"global only"); they are reported as measured. Each variant is evaluated on the held-out test split of the
-config's data root with `train/evaluate.py` (thresholds from the validation split, saved with each model).
+A head whose loss is off gets no training signal of its own (the box head in "global only", the region
+projection without the fine-grained loss), so its metrics stay near chance; they are reported as measured.
+Each variant is evaluated on the held-out test split of the config's data root with `train/evaluate.py`
+(thresholds from the validation split, saved with each model). Cost: four trainings of the config.
 
-Outputs in ``--out``: ``<variant>/`` (the training output_dir: model/, logs, text cache; ``evaluation/`` with
-metrics.json and plots), ``ablation.md`` (the table) and ``ablation.json``. A variant already trained with the
-same derived config is evaluated again without retraining; an interrupted one resumes from its last checkpoint.
+Outputs in ``--out``: ``<variant>/`` (the training output_dir: model/ with its thresholds.json, logs, text cache;
+``evaluation/imagenome-test/`` with metrics.json and plots), ``ablation.md`` (the table) and ``ablation.json``.
+A variant already trained with the same derived config is evaluated again without retraining; an interrupted
+one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -65,8 +67,13 @@ def variant_config(cfg: dict, losses, output_dir) -> dict:
     return derived
 
 
-def train_variant(cfg: dict) -> Path:
-    """Train (or reuse, or resume) one variant; returns its model folder."""
+def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
+    """Train (or reuse, or resume) one variant; returns its model folder.
+
+    `text_cache`: another variant's ``text_cache.safetensors``. The frozen text tower and the training texts are the
+    same in every variant, so it is copied in rather than rebuilt (`TextEmbeddingCache.load_or_build` still checks
+    the encoder fingerprint and the texts before using it).
+    """
     output_dir = Path(cfg["training"]["output_dir"])
     model_dir = output_dir / "model"
     saved = output_dir / "train_config.yaml"
@@ -77,19 +84,12 @@ def train_variant(cfg: dict) -> Path:
     resume = "latest" if same_config and run.latest_checkpoint(output_dir) else None
     if not same_config and output_dir.exists():
         shutil.rmtree(output_dir)  # outputs of another config must not be mixed with this run's
+    target = output_dir / "text_cache.safetensors"
+    if text_cache is not None and text_cache.is_file() and not target.exists():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(text_cache, target)
     run.train(copy.deepcopy(cfg), resume=resume)
     return model_dir
-
-
-def _share_text_cache(source_dir: Path, target_dir: Path) -> None:
-    """The frozen text tower and the training texts are the same in every variant: embed them once.
-
-    `TextEmbeddingCache.load_or_build` checks the encoder fingerprint and the texts, so a copy is only used when valid.
-    """
-    source, target = source_dir / "text_cache.safetensors", target_dir / "text_cache.safetensors"
-    if source.is_file() and not target.exists():
-        target_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
 
 
 def stages_text(stages) -> str:
@@ -133,8 +133,8 @@ def markdown_table(rows: list[dict], num_images: int, data_root) -> str:
         f"{rows[0]['total_steps']} steps on the same data and learning-rate schedule (`train/ablation.py`). "
         "Global AUC: zero-shot macro AUC over findings; mAP: detection AP@[.5:.95] over regions (one box per "
         "region, equal scores); anatomy-wise AUC: macro over (region, finding) classes; laterality: the true "
-        "side's region scores higher than its mirror. 95 % bootstrap intervals in brackets. A loss that is off "
-        "leaves its head untrained: its metrics are chance level, shown as measured.",
+        "side's region scores higher than its mirror. 95 % bootstrap intervals in brackets. A head whose loss is off "
+        "gets no training signal of its own, so its metrics stay near chance; they are shown as measured.",
         "",
         "| variant | losses per stage (steps) | global AUC | mAP (det.) | mIoU | anatomy-wise AUC | laterality acc. |",
         "|---|---|---|---|---|---|---|",
@@ -148,8 +148,11 @@ def markdown_table(rows: list[dict], num_images: int, data_root) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int = 200, progress: bool = True) -> list[dict]:
+def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int = 200, plots: bool = True,
+                 progress: bool = True) -> list[dict]:
     """Train and evaluate each variant; writes ``ablation.md`` and ``ablation.json`` into `out_dir`."""
+    if cfg.get("task", "anatomy_vlm") != "anatomy_vlm":
+        raise ValueError(f"the ablation compares the anatomy_vlm objectives; the config's task is {cfg['task']!r}")
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -158,19 +161,16 @@ def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int 
         out_dir = ROOT / out_dir
     data_root = Path(cfg["data"]["root"])
     data_root = data_root if data_root.is_absolute() else ROOT / data_root
-    rows, first_dir = [], None
+    rows, text_cache = [], None
     for name in variants:
         variant_dir = out_dir / name.replace("+", "_")
         derived = variant_config(cfg, VARIANTS[name][1], variant_dir)
         print(f"ablation: {VARIANTS[name][0]}: {stages_text(derived['stages'])}")
-        if first_dir is not None:
-            _share_text_cache(first_dir, variant_dir)
-        model_dir = train_variant(derived)
-        first_dir = first_dir or variant_dir
-        metrics = run_evaluation(model_dir, data_root, dataset="imagenome", split="test",
-                                 out_dir=variant_dir / "evaluation", n_bootstrap=n_bootstrap,
+        model_dir = train_variant(derived, text_cache)
+        text_cache = text_cache or variant_dir / "text_cache.safetensors"
+        metrics = run_evaluation(model_dir, data_root, dataset="imagenome", split="test", n_bootstrap=n_bootstrap,
                                  unmentioned_as_negative=cfg["data"].get("unmentioned_as_negative", True),
-                                 progress=progress)
+                                 plots=plots, progress=progress)
         rows.append(summarise(name, derived, metrics))
     num_images = metrics["num_images"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,10 +188,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", default="outputs/ablation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs (0 = none)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the per-variant evaluation plots")
     args = parser.parse_args(argv)
     cfg = run.load_config(args.config, args.overrides)
-    rows = run_ablation(cfg, args.out, args.variants, args.bootstrap)
-    print((Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out).joinpath("ablation.md").read_text())
+    out_dir = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    rows = run_ablation(cfg, out_dir, args.variants, args.bootstrap, plots=not args.no_plots)
+    print((out_dir / "ablation.md").read_text())
     return rows
 
 

@@ -5,7 +5,7 @@
         [--out DIR] [--bootstrap 200] [--findings "pleural effusion" "pneumothorax"] [--recompute-thresholds]
 
 Tasks (PAPER.md):
-* global: the image's [CLS] embedding against the ensembled prompts of each finding (`model.prompt_embeds`),
+* global: the image embedding ([CLS] joined with the mean patch token) against the ensembled prompts of each finding (`model.prompt_embeds`),
   one class per finding;
 * anatomy-wise: each region's score for each finding (softmax over "<finding> in the <region>" / its negation);
   a class is a (region, finding) pair with at least one positive in the split (key ``"region|finding"``); the
@@ -96,14 +96,6 @@ class Predictions:
     global_labels: np.ndarray  # [N, F] 1 / 0 / -1
 
 
-def prompt_texts(config, findings) -> list[str]:
-    """Every prompt `model.prompt_embeds(findings)` embeds: global templates, and region templates and negations."""
-    texts = [t.format(finding=f) for f in findings for t in config.global_prompt_templates]
-    for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
-        texts += [t.format(finding=f, region=r) for r in config.region_names for f in findings for t in templates]
-    return list(dict.fromkeys(texts))
-
-
 @torch.no_grad()
 def predict(model, processor, dataset, findings=None, batch_size: int = 32, progress: bool = True) -> Predictions:
     """Run the model over a loader data set (`train.data` schema); unreadable images are skipped with a warning."""
@@ -111,8 +103,6 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
 
     findings = list(model.config.findings if findings is None else findings)
     model.eval()
-    # `prompt_embeds` runs the text tower once per prompt; one batched call fills its memo first (30x faster).
-    model.embed_texts(prompt_texts(model.config, findings), processor.tokenizer)
     prompts = model.prompt_embeds(findings, processor.tokenizer)
     dataset = dataset.with_transform(make_transform(processor, on_error="skip"))
     out = {k: [] for k in ("image_ids", "pred_boxes", "true_boxes", "region_scores", "global_scores",
@@ -220,9 +210,8 @@ def detection_metrics(pred: Predictions, region_names, n_bootstrap: int = 0, see
         intervals = bootstrap_ci(macros, pred.pred_boxes, pred.true_boxes, n_resamples=n_bootstrap,
                                  alpha=BOOTSTRAP_ALPHA, seed=seed) if n_bootstrap else None
     per_region = {
-        name: {"iou": _float_or_none(result["iou_per_region"][name]), "ap": _float_or_none(result["ap_per_region"][name]),
-               "ap50": _float_or_none(result["ap50_per_region"][name]),
-               "acc50": _float_or_none(result["acc50_per_region"][name]), "annotated": int(annotated[:, r].sum())}
+        name: {**{key: _float_or_none(result[f"{key}_per_region"][name]) for key in ("iou", "ap", "ap50", "acc50")},
+               "annotated": int(annotated[:, r].sum())}
         for r, name in enumerate(names)
     }
     undefined = [name for name, values in per_region.items() if values["iou"] is None]
@@ -238,8 +227,9 @@ def detection_metrics(pred: Predictions, region_names, n_bootstrap: int = 0, see
 def mirrored_region_pairs(region_names) -> list[tuple[int, int]]:
     """(right, left) indices of the regions whose names differ only in the side word ("right lung" / "left lung")."""
     index = {name: i for i, name in enumerate(region_names)}
-    return [(i, index["left " + name[len("right "):]]) for i, name in enumerate(region_names)
-            if name.startswith("right ") and "left " + name[len("right "):] in index]
+    mirrors = {i: "left " + name.removeprefix("right ") for i, name in enumerate(region_names)
+               if name.startswith("right ")}
+    return [(i, index[mirror]) for i, mirror in mirrors.items() if mirror in index]
 
 
 def laterality_trials(region_scores: np.ndarray, region_labels: np.ndarray, region_names,
@@ -291,7 +281,8 @@ def laterality_accuracy(region_scores: np.ndarray, region_labels: np.ndarray, re
         "per_pair": {f"{region_names[r]} / {region_names[l]}": {"accuracy": fraction(correct[:, p], trials[:, p]),
                                                                   "num_trials": int(trials[:, p].sum())}
                      for p, (r, l) in enumerate(pairs)},
-        "per_finding": {f: {"accuracy": fraction(correct[..., j], trials[..., j]), "num_trials": int(trials[..., j].sum())}
+        "per_finding": {f: {"accuracy": fraction(correct[..., j], trials[..., j]),
+                            "num_trials": int(trials[..., j].sum())}
                         for j, f in enumerate(findings) if trials[..., j].any()},
     }
 
@@ -365,7 +356,8 @@ def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negat
         "detection_miou": full["detection_miou"],
         "global_auc_macro": full["global_auc_macro"],
         "region_auc_macro": full["region_auc_macro"],
-        "per_region_iou": {r: v["iou"] for r, v in full["detection"]["per_region"].items()} if full["detection"] else {},
+        "per_region_iou": ({r: v["iou"] for r, v in full["detection"]["per_region"].items()}
+                           if full["detection"] else {}),
         "global_auc": {f: v["auc"] for f, v in full["global"]["per_class"].items()},
         "region_auc": {k: v["auc"] for k, v in full["region"]["per_class"].items()},
         "undefined_global": full["undefined_global"],
@@ -390,8 +382,8 @@ def split_fingerprint(dataset) -> dict:
     return {
         "num_images": len(ids),
         "image_ids_sha256": _sha256(sorted(ids)),
-        "labels_sha256": _sha256([np.ascontiguousarray(np.asarray(region)[order]).tobytes(),
-                                  np.ascontiguousarray(np.asarray(global_)[order]).tobytes()]),
+        "labels_sha256": _sha256([np.asarray(region, dtype=np.int8)[order].tobytes(),
+                                  np.asarray(global_, dtype=np.int8)[order].tobytes()]),
     }
 
 
@@ -414,7 +406,8 @@ def fit_thresholds(pred: Predictions, region_names, findings, unmentioned_as_neg
     n = len(pred.image_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # most region pairs have no positives; counted in the file (nulls)
-        global_t = select_thresholds(pred.global_scores, apply_label_policy(pred.global_labels, unmentioned_as_negative))
+        global_t = select_thresholds(pred.global_scores,
+                                     apply_label_policy(pred.global_labels, unmentioned_as_negative))
         region_t = select_thresholds(pred.region_scores.reshape(n, -1),
                                      apply_label_policy(pred.region_labels, unmentioned_as_negative).reshape(n, -1))
     names = [f"{r}|{f}" for r in region_names for f in findings]
@@ -422,6 +415,12 @@ def fit_thresholds(pred: Predictions, region_names, findings, unmentioned_as_neg
         "global": {f: _float_or_none(t) for f, t in zip(findings, global_t)},
         "region": {name: _float_or_none(t) for name, t in zip(names, region_t)},
     }
+
+
+def same_validation(saved: dict | None, current: dict) -> bool:
+    """Same data set, split and hashes (the folder may have moved: its path is recorded, not compared)."""
+    keys = ("dataset", "split", "num_images", "image_ids_sha256", "labels_sha256")
+    return saved is not None and all(saved.get(k) == current[k] for k in keys)
 
 
 def thresholds_cover(saved: dict, region_names, findings) -> bool:
@@ -446,13 +445,18 @@ def decision_thresholds(model, processor, model_dir, findings, validation=None, 
     if validation is not None:
         dataset, description = validation
         source = {**description, **split_fingerprint(dataset)}
-    same_origin = saved is not None and saved.get("weights_sha256") == weights and saved.get(
-        "unmentioned_as_negative") == unmentioned_as_negative and (source is None or saved.get("validation") == source)
+    same_origin = (saved is not None and saved.get("weights_sha256") == weights
+                   and saved.get("unmentioned_as_negative") == unmentioned_as_negative
+                   and (source is None or same_validation(saved.get("validation"), source)))
     if same_origin and not recompute and thresholds_cover(saved, region_names, findings):
         return saved, {"file": str(path), "reused": True, "validation": saved["validation"]}
     if validation is None:
-        problem = ("does not exist" if saved is None else "was fitted for other weights or another label policy"
-                   if not same_origin else "lacks some of the requested findings")
+        if saved is None:
+            problem = "does not exist"
+        elif not same_origin:
+            problem = "was fitted for other weights or another label policy"
+        else:
+            problem = "lacks some of the requested findings"
         raise ValueError(f"decision thresholds: {path} {problem}, and no validation data was given to fit them "
                          "(IU-Xray: pass --threshold-data with a Chest ImaGenome-layout root)")
     if recompute or not same_origin:
@@ -612,12 +616,14 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
         threshold_data = data
     validation = None
     if threshold_data is not None:
-        if dataset == "imagenome" and split == threshold_split and Path(threshold_data) == Path(data):
+        same_root = Path(threshold_data).resolve() == Path(data).resolve()
+        if dataset == "imagenome" and split == threshold_split and same_root:
             warnings.warn(f"evaluating on the threshold split {split!r}: BMAC and F1 are optimistic", stacklevel=2)
         validation = (load_split("imagenome", threshold_data, threshold_split, region_names, findings),
                       {"dataset": "imagenome", "data": str(Path(threshold_data).resolve()), "split": threshold_split})
-    thresholds, threshold_info = decision_thresholds(model, processor, model_dir, findings, validation,
-                                                     unmentioned_as_negative, recompute_thresholds, batch_size, progress)
+    thresholds, threshold_info = decision_thresholds(
+        model, processor, model_dir, findings, validation, unmentioned_as_negative, recompute_thresholds, batch_size,
+        progress)
 
     pred = predict(model, processor, test_set, findings, batch_size, progress)
     tasks = ("global",) if dataset == "iu_xray" else ("global", "region", "detection", "laterality")
@@ -635,7 +641,8 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
                         {f: v["auc"] for f, v in metrics["global"]["per_class"].items()}, out_dir / "roc_global.png")
         metrics["plots"].append("roc_global.png")
         if metrics["region"] is not None:
-            plot_region_heatmap(metrics["region"]["per_class"], region_names, findings, out_dir / "region_auc_heatmap.png")
+            plot_region_heatmap(metrics["region"]["per_class"], region_names, findings,
+                                out_dir / "region_auc_heatmap.png")
             metrics["plots"].append("region_auc_heatmap.png")
         plot_boxes(test_set, pred, region_names, out_dir / "boxes.png")
         metrics["plots"].append("boxes.png")
@@ -661,7 +668,8 @@ def format_table(metrics: dict) -> str:
              f"{metrics['thresholds']['file']}"]
     validation = metrics["thresholds"].get("validation")
     if validation:
-        lines.append(f"  (validation: {validation['dataset']} {validation['split']}, {validation['num_images']} images)")
+        lines.append(f"  (validation: {validation['dataset']} {validation['split']}, "
+                     f"{validation['num_images']} images)")
     section = metrics["global"]
     lines += ["", f"global zero-shot ({section['num_classes']} classes, {len(section['undefined'])} undefined)",
               f"{'finding':<38} {'pos':>5} {'AUC':>6} {'AP':>6} {'BMAC':>6} {'F1':>6} {'thr':>6}"]

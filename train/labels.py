@@ -826,7 +826,8 @@ def region_texts_for_image(
     - positives: every report phrase of the region; for each of its labels in `findings`, the zero-shot
       prompt that is true ("{finding} in the {region}" when present, "no {finding} in the {region}" when
       absent); and, when nothing is present there, its normal description ("the {region} is normal").
-    - negatives: the opposite prompt of each such label; with probability `perturb_prob`, a
+    - negatives: the opposite prompt of each such label; the normal description when something is present
+      (so that text depends on the image, not only on the region); with probability `perturb_prob`, a
       meaning-changing perturbation of one sampled report phrase (`perturb_phrase`); and, when nothing is
       present, `num_attribute_negatives` prompts "{finding} in the {region}" of findings plausible there
       (`REGION_FINDINGS`) and `num_template_negatives` template hard negatives (`HARD_NEGATIVE_TEMPLATES`).
@@ -854,7 +855,9 @@ def region_texts_for_image(
             perturbed = perturb_phrase(phrases[rng.integers(len(phrases))], rng)
             if perturbed is not None:
                 negatives.append(perturbed.text)
-        if not present:
+        if present:  # "the <region> is normal" is false here: without this negative it would be always true
+            negatives.append(NORMAL_REGION_TEMPLATE.format(region=region))
+        else:
             positives.append(NORMAL_REGION_TEMPLATE.format(region=region))
             candidates = [f for f in REGION_FINDINGS.get(region, ()) if f in vocabulary and f not in absent]
             count = min(num_attribute_negatives, len(candidates))

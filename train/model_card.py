@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]  # relative data roots in train_config.yaml are relative to the repo
 CARD_NAME = "README.md"
 PIPELINE_TAG = "zero-shot-image-classification"
 LICENSE = "apache-2.0"
@@ -72,7 +73,7 @@ loss and region-phrase InfoNCE.
 | | |
 |---|---|
 | vision tower | {{ vision }} |
-| text tower (frozen, included in the weights) | `{{ text_encoder }}`, {{ text_pooling }} pooling, trainable projection |
+| text tower (frozen, in the weights) | `{{ text_encoder }}`, {{ text_pooling }} pooling, trainable projection |
 | joint embedding space | {{ projection_dim }} dimensions |
 | regions ({{ num_regions }}) | {{ regions }} |
 | default findings ({{ num_findings }}) | {{ findings }} |
@@ -159,10 +160,12 @@ def training_config(model_dir) -> dict | None:
 
 
 def is_phantom(train_cfg: dict | None, metrics: dict | None) -> bool:
-    if train_cfg and train_cfg.get("data", {}).get("phantom"):
+    """Trained or evaluated on the phantom generator's output (its folders hold ``phantom/manifest.json``)."""
+    data = (train_cfg or {}).get("data", {})
+    if data.get("phantom"):
         return True
-    data = (metrics or {}).get("data")
-    return bool(data) and (Path(data) / "phantom" / "manifest.json").is_file()
+    roots = [ROOT / data["root"] if data.get("root") else None, (metrics or {}).get("data")]
+    return any(root and (Path(root) / "phantom" / "manifest.json").is_file() for root in roots)
 
 
 def dataset_identity(metrics: dict, phantom: bool) -> tuple[str, str]:
@@ -231,20 +234,21 @@ def _evaluation_text(metrics: dict | None, source: Path | None, dataset_name: st
 def _training_text(train_cfg: dict | None, phantom: bool) -> str:
     if not train_cfg:
         return "Not recorded next to this checkpoint (no `train_config.yaml`)."
-    stages = ", ".join(f"{s['name']} {s['steps']} steps ({' + '.join(s.get('loss_weights', {}))})"
+    stages = ", ".join(f"{s['name']} {s['steps']} ({' + '.join(s.get('loss_weights', {}))})"
                        for s in train_cfg.get("stages", []))
     data = train_cfg.get("data", {})
     batch = train_cfg.get("training", {}).get("batch_size", "?")
     if phantom:
-        spec = data["phantom"]
-        source = (f"the procedurally generated phantom set (`python -m train.data.phantom --n {spec.get('n')} "
-                  f"--seed {spec.get('seed', 0)} --size {spec.get('size', 512)}`): drawn anatomy with findings placed "
-                  "in known regions, reports and Chest ImaGenome-style scene graphs; no patient data")
+        spec = data.get("phantom") or {}
+        command = (f" (`python -m train.data.phantom --n {spec.get('n')} --seed {spec.get('seed', 0)} "
+                   f"--size {spec.get('size', 512)}`)" if spec else f" at `{data.get('root', '?')}`")
+        source = (f"the procedurally generated phantom set{command}: drawn anatomy with findings placed in known "
+                  "regions, reports and Chest ImaGenome-style scene graphs; no patient data")
     else:
         source = f"Chest ImaGenome scene graphs + MIMIC-CXR-JPG images (`{data.get('root', '?')}`)"
-    return (f"Trained on {source}, split `{data.get('train_split', 'train')}`; batch size {batch}; stages: "
-            f"{stages}. Labels: a finding not mentioned counts as "
-            f"{'absent' if data.get('unmentioned_as_negative', True) else 'unknown'}.")
+    unmentioned = "absent" if data.get("unmentioned_as_negative", True) else "unknown"
+    return (f"Trained on {source}.\n\nSplit `{data.get('train_split', 'train')}`, batch size {batch}; stages "
+            f"(steps, losses): {stages}. A finding the report does not mention counts as {unmentioned}.")
 
 
 def _templates(values) -> str:
@@ -296,7 +300,8 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
         repo_id=repo_id,
         data_warning=data_warning,
         data_limitation=data_limitation,
-        vision=(f"{VISION_NAMES.get(vision['model_type'], vision['model_type'])}, {vision['image_size']} px, patch {vision['patch_size']}, "
+        vision=(f"{VISION_NAMES.get(vision['model_type'], vision['model_type'])}, {vision['image_size']} px, "
+                f"patch {vision['patch_size']}, "
                 f"{vision['num_hidden_layers']} layers, width {vision['hidden_size']}"),
         text_encoder=text_encoder,
         text_pooling=config.get("text_pooling", "mean"),
@@ -354,7 +359,7 @@ def validate_card(path) -> dict:
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--eval", help="evaluation JSON (metrics.json of train/evaluate.py or the quickstart eval.json)")
+    parser.add_argument("--eval", help="evaluation JSON: metrics.json of train/evaluate.py or the quickstart eval.json")
     parser.add_argument("--repo-id", help="Hub repo id shown in the loading example (default: a name from the folder)")
     parser.add_argument("--out", help="where to write the card (default <model>/README.md)")
     args = parser.parse_args(argv)

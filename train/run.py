@@ -125,7 +125,7 @@ class Collator:
         skipped = len(examples) - len(kept)
         if skipped and self.on_error == "raise":
             raise ValueError(f"{skipped} unreadable images in a batch")
-        batch = {"skipped_images": torch.tensor(skipped)}
+        batch = {"skipped_images": skipped}  # a plain int: reading it back must not sync with the GPU
         if not kept:
             return batch
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in kept])
@@ -208,22 +208,6 @@ def staged_schedule(optimizer, stages: list[dict], min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
 
-def add_lora(model, lora: dict):
-    """LoRA on the vision tower's attention (qkv, proj) and MLP (fc1, fc2); queries and heads train fully."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_config = LoraConfig(
-        r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-        target_modules=r".*vision_model\.blocks\.\d+\.(attn\.qkv|attn\.proj|fc1|fc2)",
-        modules_to_save=["anatomy_queries", "box_head", "visual_projection", "region_projection", "text_projection"],
-    )
-    model = get_peft_model(model, peft_config)
-    for name, param in model.named_parameters():
-        if "logit_" in name:  # temperatures and bias are bare parameters, not modules
-            param.requires_grad_(True)
-    return model
-
-
 # ------------------------------------------------------------------------------------------------- state
 def latest_checkpoint(output_dir: Path) -> Path | None:
     folders = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
@@ -242,57 +226,193 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> No
     accelerator.wait_for_everyone()
 
 
-# -------------------------------------------------------------------------------------------------- train
-def stage_inputs(batch: dict, weights: dict, finding_embeds: torch.Tensor) -> dict:
-    """The model inputs a stage needs: texts are passed only when their loss has weight."""
-    inputs = {"pixel_values": batch["pixel_values"], "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
-    if weights.get("global", 0) > 0:
-        inputs.update(finding_text_embeds=finding_embeds, finding_labels=batch["finding_labels"])
-    if weights.get("fine", 0) > 0:
-        inputs.update(phrase_text_embeds=batch["phrase_text_embeds"], phrase_positive_mask=batch["phrase_positive_mask"],
-                      phrase_negative_mask=batch["phrase_negative_mask"])
-    return inputs
+# -------------------------------------------------------------------------------------------------- tasks
+class AnatomyVLMTask:
+    """The paper's pre-training: boxes, global findings and region-phrase alignment, weighted per stage."""
+
+    def __init__(self, cfg: dict, accelerator, output_dir: Path):
+        data_cfg = cfg["data"]
+        config = model_config(cfg)
+        cfg["_region_names"], cfg["_findings"] = config.region_names, config.findings
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                ensure_phantom(cfg)
+            self.train_set = load_split(cfg, data_cfg.get("train_split", "train"))
+            self.val_set = load_split(cfg, data_cfg.get("val_split", "validate"))
+        self.model = AnatomyVLMModel.from_encoders(config, cfg["model"].get("vision_init"))
+        self.processor = AnatomyVLMProcessor.from_model_config(config)
+        with accelerator.main_process_first():
+            texts = training_texts(self.train_set, config) | training_texts(self.val_set, config)
+            cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache.safetensors", self.model,
+                                                     self.processor.tokenizer, texts)
+        self.finding_embeds = torch.stack([
+            cache.lookup([t.format(finding=f) for t in config.global_prompt_templates]).mean(0) for f in config.findings])
+        on_error = data_cfg.get("on_error", "skip")
+        for dataset in (self.train_set, self.val_set):
+            dataset.set_transform(make_transform(self.processor, on_error))
+        seed = int(cfg["training"].get("seed", 0))
+        args = (config, cache, seed, data_cfg.get("perturb_prob", 0.2), data_cfg.get("unmentioned_as_negative", True),
+                on_error)
+        self.train_collator, self.val_collator = Collator(*args), Collator(*args)
+
+    def lora_config(self, lora: dict):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
+            target_modules=r".*vision_model\.blocks\.\d+\.(attn\.qkv|attn\.proj|fc1|fc2)",
+            modules_to_save=["anatomy_queries", "box_head", "visual_projection", "region_projection", "text_projection"],
+        )
+
+    def start_stage(self, stage: dict) -> dict:
+        weights = {name: float(stage.get("loss_weights", {}).get(name, 0.0)) for name in LOSSES}
+        self.train_collator.with_texts = weights["fine"] > 0
+        return weights
+
+    def inputs(self, batch: dict, weights: dict) -> dict:
+        """The model inputs a stage needs: texts are passed only when their loss has weight."""
+        inputs = {"pixel_values": batch["pixel_values"], "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
+        if weights.get("global", 0) > 0:
+            if self.finding_embeds.device != batch["pixel_values"].device:  # moved once, not every step
+                self.finding_embeds = self.finding_embeds.to(batch["pixel_values"].device)
+            inputs.update(finding_text_embeds=self.finding_embeds,
+                          finding_labels=batch["finding_labels"])
+        if weights.get("fine", 0) > 0:
+            inputs.update(phrase_text_embeds=batch["phrase_text_embeds"],
+                          phrase_positive_mask=batch["phrase_positive_mask"],
+                          phrase_negative_mask=batch["phrase_negative_mask"])
+        return inputs
+
+    def loss(self, output, weights: dict) -> tuple[torch.Tensor, dict]:
+        parts = {name: getattr(output, f"loss_{name}") for name in LOSSES
+                 if weights.get(name, 0) > 0 and getattr(output, f"loss_{name}") is not None}
+        return sum(weights[name] * value for name, value in parts.items()), parts
+
+    @torch.no_grad()
+    def validate(self, model, loader, accelerator, max_batches: int | None = None) -> dict:
+        """Validation losses (all three terms) and mean box IoU over annotated regions."""
+        from torchvision.ops import box_convert, box_iou
+
+        sums = torch.zeros(3 + len(LOSSES), dtype=torch.float64, device=accelerator.device)  # n, iou, n_iou, losses
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            if "pixel_values" not in batch:
+                continue
+            output = model(**self.inputs(batch, {"global": 1, "fine": 1}))
+            n = len(batch["pixel_values"])
+            pred = box_convert(output.pred_boxes.float(), "cxcywh", "xyxy").reshape(-1, 4)
+            true = box_convert(batch["boxes"].float(), "cxcywh", "xyxy").reshape(-1, 4)
+            mask = batch["box_mask"].reshape(-1)
+            ious = torch.diagonal(box_iou(pred, true))[mask]
+            losses = [getattr(output, f"loss_{name}").double() * n for name in LOSSES]
+            sums += torch.stack([torch.tensor(float(n), device=sums.device), ious.sum().double(),
+                                 mask.sum().double(), *losses])
+        count, iou_sum, iou_count, *loss_sums = accelerator.reduce(sums, reduction="sum").tolist()
+        result = {f"val/loss_{name}": value / max(count, 1) for name, value in zip(LOSSES, loss_sums)}
+        result["val/box_miou"] = iou_sum / max(iou_count, 1)
+        return result
 
 
-def weighted_loss(output, weights: dict) -> torch.Tensor:
-    total = 0.0
-    for name in LOSSES:
-        value = getattr(output, f"loss_{name}")
-        if weights.get(name, 0) > 0 and value is not None:
-            total = total + weights[name] * value
-    return total
+class SegmentationTask:
+    """Segmentation transfer (issue: segmentation): an Anatomy-VLM encoder + U-Net decoder, Dice + BCE.
+
+    `model.init_from`: an Anatomy-VLM checkpoint; `model.labels`: mask classes; `model.mode`: `frozen` (decoder
+    only), `full` or `lora`. `data.dataset`: `phantom` (`data.root`), `chexmask` (`data.csv`,
+    `data.mimic_cxr_jpg_dir`) or `siim` (`data.csv`, `data.images_dir`; no official split: `data.val_fraction`).
+    """
+
+    def __init__(self, cfg: dict, accelerator, output_dir: Path):
+        from modeling_anatomy_vlm.modeling_anatomy_vlm_segmentation import AnatomyVLMForSemanticSegmentation
+        from train.data.segmentation import make_segmentation_transform
+
+        model_cfg, data_cfg = cfg["model"], cfg["data"]
+        labels = list(model_cfg["labels"])
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                ensure_phantom(cfg)
+            self.train_set, self.val_set = segmentation_splits(data_cfg, labels)
+        init_from = _resolve(model_cfg["init_from"])
+        self.model = AnatomyVLMForSemanticSegmentation.from_anatomy_vlm(str(init_from), labels=labels)
+        self.mode = model_cfg.get("mode", "full")
+        if self.mode not in ("frozen", "full", "lora"):
+            raise ValueError(f"model.mode must be frozen, full or lora, got {self.mode!r}")
+        if self.mode == "frozen":
+            self.model.freeze_encoder()
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(str(init_from), trust_remote_code=True)
+        for dataset in (self.train_set, self.val_set):
+            dataset.set_transform(make_segmentation_transform(self.processor, labels))
+        self.train_collator = self.val_collator = SegmentationCollator()
+
+    def lora_config(self, lora: dict):
+        return self.model.encoder_lora_config(r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32),
+                                              lora_dropout=lora.get("dropout", 0.0))
+
+    def start_stage(self, stage: dict) -> dict:
+        return {}
+
+    def inputs(self, batch: dict, weights: dict) -> dict:
+        return {"pixel_values": batch["pixel_values"], "labels": batch["labels"], "valid_mask": batch["valid_mask"]}
+
+    def loss(self, output, weights: dict) -> tuple[torch.Tensor, dict]:
+        return output.loss, {"dice": output.loss_dice, "bce": output.loss_bce}
+
+    @torch.no_grad()
+    def validate(self, model, loader, accelerator, max_batches: int | None = None) -> dict:
+        """Mean per-image Dice and IoU per class on the validation split (sigmoid > 0.5, padding excluded)."""
+        from train.evaluate_segmentation import mask_scores
+
+        names = list(self.model.config.id2label.values())
+        sums = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=accelerator.device)
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            dice, iou = mask_scores(logits, batch["labels"], batch["valid_mask"])  # [B, C] each
+            sums += torch.cat([torch.tensor([float(len(dice))], device=sums.device, dtype=torch.float64),
+                               dice.double().sum(0), iou.double().sum(0)])
+        count, *values = accelerator.reduce(sums, reduction="sum").tolist()
+        dice, iou = values[: len(names)], values[len(names):]
+        result = {f"val/dice_{n}": d / max(count, 1) for n, d in zip(names, dice)}
+        result.update({f"val/iou_{n}": v / max(count, 1) for n, v in zip(names, iou)})
+        return result
 
 
-@torch.no_grad()
-def validate(model, loader, finding_embeds, accelerator, max_batches: int | None = None) -> dict:
-    """Validation losses (all three terms) and mean box IoU over annotated regions."""
-    from torchvision.ops import box_convert, box_iou
+class SegmentationCollator:
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = {k: torch.stack([e[k] for e in examples]) for k in ("pixel_values", "labels", "valid_mask")}
+        batch["skipped_images"] = 0
+        return batch
 
-    model.eval()
-    sums, count = {name: 0.0 for name in LOSSES}, 0
-    iou_sum, iou_count = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        if "pixel_values" not in batch:
-            continue
-        output = model(**stage_inputs(batch, {"global": 1, "fine": 1}, finding_embeds))
-        for name in LOSSES:
-            sums[name] += float(getattr(output, f"loss_{name}")) * len(batch["pixel_values"])
-        count += len(batch["pixel_values"])
-        pred = box_convert(output.pred_boxes.float(), "cxcywh", "xyxy")
-        true = box_convert(batch["boxes"].float(), "cxcywh", "xyxy")
-        ious = torch.diagonal(box_iou(pred.reshape(-1, 4), true.reshape(-1, 4)))
-        mask = batch["box_mask"].reshape(-1)
-        iou_sum += float(ious[mask].sum())
-        iou_count += int(mask.sum())
-    totals = accelerator.reduce(torch.tensor([count, iou_sum, iou_count, *sums.values()], device=accelerator.device),
-                                reduction="sum").tolist()
-    count, iou_sum, iou_count, *loss_sums = totals
-    model.train()
-    result = {f"val/loss_{name}": value / max(count, 1) for name, value in zip(LOSSES, loss_sums)}
-    result["val/box_miou"] = iou_sum / max(iou_count, 1)
-    return result
+
+def segmentation_splits(data_cfg: dict, labels: list[str]):
+    from train.data import segmentation as seg
+
+    kind = data_cfg.get("dataset", "phantom")
+    on_error = data_cfg.get("on_error", "skip")
+    if kind == "phantom":
+        root = _resolve(data_cfg["root"])
+        return (seg.load_phantom_segmentation(root, data_cfg.get("train_split", "train"), labels, on_error=on_error),
+                seg.load_phantom_segmentation(root, data_cfg.get("val_split", "validate"), labels, on_error=on_error))
+    if kind == "chexmask":
+        args = (_resolve(data_cfg["csv"]), _resolve(data_cfg["mimic_cxr_jpg_dir"]))
+        return (seg.load_chexmask(*args, split=data_cfg.get("train_split", "train"), on_error=on_error),
+                seg.load_chexmask(*args, split=data_cfg.get("val_split", "validate"), on_error=on_error))
+    if kind == "siim":
+        table = seg.load_siim_acr(_resolve(data_cfg["csv"]), _resolve(data_cfg["images_dir"]), on_error=on_error)
+        parts = table.train_test_split(test_size=data_cfg.get("val_fraction", 0.1), seed=0)
+        return parts["train"], parts["test"]
+    raise ValueError(f"data.dataset must be phantom, chexmask or siim, got {kind!r}")
+
+
+TASKS = {"anatomy_vlm": AnatomyVLMTask, "segmentation": SegmentationTask}
+
+
+def _resolve(path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
 
 
 def train(cfg: dict, resume: str | None = None) -> Path:
@@ -321,46 +441,36 @@ def train(cfg: dict, resume: str | None = None) -> Path:
     seed = int(run.get("seed", 0))
     set_seed(seed)
 
-    config = model_config(cfg)
-    cfg["_region_names"], cfg["_findings"] = config.region_names, config.findings
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            ensure_phantom(cfg)
-        train_set = load_split(cfg, data_cfg.get("train_split", "train"))
-        val_set = load_split(cfg, data_cfg.get("val_split", "validate"))
-
-    model = AnatomyVLMModel.from_encoders(config, cfg["model"].get("vision_init"))
-    processor = AnatomyVLMProcessor.from_model_config(config)
-    with accelerator.main_process_first():
-        texts = training_texts(train_set, config) | training_texts(val_set, config)
-        cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache.safetensors", model, processor.tokenizer, texts)
-    finding_embeds = torch.stack([cache.lookup([t.format(finding=f) for t in config.global_prompt_templates]).mean(0)
-                                  for f in config.findings])
+    task_name = cfg.get("task", "anatomy_vlm")
+    if task_name not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task_name!r}")
+    task = TASKS[task_name](cfg, accelerator, output_dir)
+    model, processor = task.model, task.processor
     if run.get("gradient_checkpointing"):
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     lora = run.get("lora") or {}
     if lora.get("enabled"):
-        model = add_lora(model, lora)
+        from peft import get_peft_model
 
-    on_error = data_cfg.get("on_error", "skip")
-    for dataset in (train_set, val_set):
-        dataset.set_transform(make_transform(processor, on_error))
-    collator_args = (config, cache, seed, data_cfg.get("perturb_prob", 0.2), data_cfg.get("unmentioned_as_negative", True),
-                     on_error)
-    collator, val_collator = Collator(*collator_args), Collator(*collator_args)
+        model = get_peft_model(model, task.lora_config(lora))
+        for name, param in model.named_parameters():
+            if "logit_" in name:  # temperatures and bias are bare parameters, not modules PEFT could save
+                param.requires_grad_(True)
+
+    train_set, val_set, collator = task.train_set, task.val_set, task.train_collator
     sampler = EpochOrder(len(train_set), seed)
     batch_size = int(run["batch_size"])
     workers = int(data_cfg.get("num_workers", 0))
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
                                                num_workers=workers, collate_fn=collator)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers, collate_fn=val_collator)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers,
+                                             collate_fn=task.val_collator)
     stages = cfg["stages"]
     optimizer = torch.optim.AdamW(param_groups(model, run.get("weight_decay", 0.05)), lr=1.0,
                                   betas=tuple(run.get("betas", (0.9, 0.999))), fused=torch.cuda.is_available() or None)
     scheduler = staged_schedule(optimizer, stages, run.get("min_lr_ratio", 0.05))
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
-    finding_embeds = finding_embeds.to(accelerator.device)
 
     steps_per_epoch = len(train_loader) // accelerator.gradient_accumulation_steps
     if steps_per_epoch == 0:
@@ -392,8 +502,7 @@ def train(cfg: dict, resume: str | None = None) -> Path:
 
     for stage_index in range(state["stage"], len(stages)):
         stage = stages[stage_index]
-        weights = {name: float(stage.get("loss_weights", {}).get(name, 0.0)) for name in LOSSES}
-        collator.with_texts = weights["fine"] > 0
+        weights = task.start_stage(stage)
         total = int(stage["steps"])
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=total, initial=step, desc=f"stage {stage_index + 1} {stage['name']}", unit="step",
@@ -402,17 +511,17 @@ def train(cfg: dict, resume: str | None = None) -> Path:
         tic, tic_step, running = time.perf_counter(), step, None
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
-            sampler.epoch = collator.epoch = stage_index * 100_000 + epoch
+            sampler.epoch = collator.epoch = stage_index * 100_000 + epoch  # collators sample texts per epoch
             batches = train_loader
             if skip:  # resuming inside an epoch: the same order, minus the batches already trained on
                 batches = accelerator.skip_first_batches(train_loader, skip * accelerator.gradient_accumulation_steps)
             for batch in batches:
-                state["skipped_images"] += int(batch["skipped_images"])
+                state["skipped_images"] += batch["skipped_images"]
                 if "pixel_values" not in batch:  # every image of this batch was unreadable (and skipped)
                     continue
                 with accelerator.accumulate(model):
-                    output = model(**stage_inputs(batch, weights, finding_embeds))
-                    loss = weighted_loss(output, weights)
+                    output = model(**task.inputs(batch, weights))
+                    loss, parts = task.loss(output, weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -423,8 +532,7 @@ def train(cfg: dict, resume: str | None = None) -> Path:
                     continue
                 step += 1
                 state.update(stage=stage_index, step_in_stage=step, global_step=state["global_step"] + 1)
-                detached = {name: getattr(output, f"loss_{name}").detach() for name in LOSSES
-                            if weights[name] > 0 and getattr(output, f"loss_{name}") is not None}
+                detached = {name: value.detach() for name, value in parts.items()}
                 running = detached if running is None else {k: running[k] + v for k, v in detached.items()}
                 bar.update(1)
                 if step % log_every == 0 or step == total:  # the loop's only host-device syncs
@@ -437,7 +545,9 @@ def train(cfg: dict, resume: str | None = None) -> Path:
                     accelerator.log(logs, step=state["global_step"])
                     tic, tic_step, running = time.perf_counter(), step, None
                 if eval_every and (step % eval_every == 0 or step == total):
-                    metrics = validate(model, val_loader, finding_embeds, accelerator, run.get("eval_batches"))
+                    model.eval()
+                    metrics = task.validate(model, val_loader, accelerator, run.get("eval_batches"))
+                    model.train()
                     accelerator.log(metrics, step=state["global_step"])
                     if accelerator.is_main_process:
                         bar.write(f"stage {stage_index + 1} step {step}: " +
