@@ -154,8 +154,9 @@ class AnatomyVLMConfig(PreTrainedConfig):
         projection_dim (`int`, *optional*, defaults to 512):
             Size of the joint image/region/text embedding space.
         box_head_layers (`int`, *optional*, defaults to 3): depth of the box MLP.
-        anatomy_loss_weight, fine_loss_weight, global_loss_weight (`float`, *optional*, default 1.0):
-            Weights of the detection, region-phrase and global objectives.
+        anatomy_loss_weight, fine_loss_weight, global_loss_weight, region_loss_weight (`float`, *optional*, default 1.0):
+            Weights of the detection, region-phrase, global and anatomy-wise (region x finding prompt pair)
+            objectives.
         bbox_l1_weight, bbox_giou_weight (`float`, *optional*, defaults to 5.0 and 2.0):
             Weights of L1 and GIoU inside the detection objective (DETR's values).
         logit_scale_init_value (`float`, *optional*, defaults to log(1/0.07)):
@@ -185,6 +186,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         anatomy_loss_weight: float = 1.0,
         fine_loss_weight: float = 1.0,
         global_loss_weight: float = 1.0,
+        region_loss_weight: float = 1.0,
         bbox_l1_weight: float = 5.0,
         bbox_giou_weight: float = 2.0,
         logit_scale_init_value: float = math.log(1 / 0.07),
@@ -207,6 +209,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         self.anatomy_loss_weight = anatomy_loss_weight
         self.fine_loss_weight = fine_loss_weight
         self.global_loss_weight = global_loss_weight
+        self.region_loss_weight = region_loss_weight
         self.bbox_l1_weight = bbox_l1_weight
         self.bbox_giou_weight = bbox_giou_weight
         self.logit_scale_init_value = logit_scale_init_value
@@ -255,7 +258,8 @@ class AnatomyVLMConfig(PreTrainedConfig):
         for name in ("projection_dim", "box_head_layers", "max_text_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("anatomy_loss_weight", "fine_loss_weight", "global_loss_weight", "bbox_l1_weight", "bbox_giou_weight"):
+        for name in ("anatomy_loss_weight", "fine_loss_weight", "global_loss_weight", "region_loss_weight",
+                     "bbox_l1_weight", "bbox_giou_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 fail(f"{name} must be a finite number >= 0, got {value!r}")

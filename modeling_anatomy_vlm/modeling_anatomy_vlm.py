@@ -29,9 +29,9 @@ class AnatomyVLMOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Weighted sum of the loss terms whose targets were given.
-        loss_anatomy, loss_global, loss_fine (`torch.FloatTensor` of shape `()`, *optional*):
-            Detection (weighted L1 + GIoU), image-finding sigmoid and region-phrase InfoNCE terms (unweighted
-            by the config's objective weights).
+        loss_anatomy, loss_global, loss_fine, loss_region (`torch.FloatTensor` of shape `()`, *optional*):
+            Detection (weighted L1 + GIoU), image-finding sigmoid, region-phrase InfoNCE and anatomy-wise
+            prompt-pair terms (unweighted by the config's objective weights).
         pred_boxes (`torch.FloatTensor` of shape `(B, Q, 4)`):
             Normalised (cx, cy, w, h) of each region in the processed (resized + padded) image. Map them to
             original pixels with `AnatomyVLMImageProcessor.post_process_boxes`.
@@ -47,6 +47,7 @@ class AnatomyVLMOutput(ModelOutput):
     loss_anatomy: torch.FloatTensor | None = None
     loss_global: torch.FloatTensor | None = None
     loss_fine: torch.FloatTensor | None = None
+    loss_region: torch.FloatTensor | None = None
     pred_boxes: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     region_embeds: torch.FloatTensor | None = None
@@ -359,6 +360,8 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         phrase_positive_mask: torch.Tensor | None = None,
         phrase_negative_mask: torch.Tensor | None = None,
         phrase_ids: torch.Tensor | None = None,
+        region_prompt_text_embeds: torch.Tensor | None = None,
+        region_labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AnatomyVLMOutput | tuple:
@@ -374,6 +377,10 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                 as `phrase_input_ids` + `phrase_attention_mask` or `phrase_text_embeds`; `phrase_negative_mask`
                 (same shape; default: all non-positives) and `phrase_ids` (`[T]`, equal ids = identical texts)
                 refine the negatives; gives `loss_fine`.
+            region_prompt_text_embeds (`[2, Q, F, text_hidden]`, *optional*): cached frozen-tower outputs of the
+                prompt pairs "<finding> in the <region>" / "no <finding> in the <region>"; with `region_labels`
+                (`[B, Q, F]`, 1 / 0 / -1 unknown) gives `loss_region`: a sigmoid loss on the pair's log-odds, the
+                very score `interpret` reports per region.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         features = self.encode_image(pixel_values)
@@ -401,10 +408,18 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                     output.region_logits, phrase_positive_mask, phrase_negative_mask, phrase_ids
                 )
 
+        if region_prompt_text_embeds is not None and region_labels is not None:
+            pairs = self.project_text(region_prompt_text_embeds)  # [2, Q, F, D]
+            scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
+            pair_logits = scale * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], pairs)
+            log_odds = pair_logits[..., 0] - pair_logits[..., 1]  # softmax over the pair = sigmoid of this
+            losses["region"] = global_finding_loss(log_odds.flatten(1), region_labels.flatten(1))
+
         weights = {
             "anatomy": self.config.anatomy_loss_weight,
             "global": self.config.global_loss_weight,
             "fine": self.config.fine_loss_weight,
+            "region": getattr(self.config, "region_loss_weight", 1.0),
         }
         for name, value in losses.items():
             setattr(output, f"loss_{name}", value)

@@ -25,7 +25,7 @@ def test_train_step_benchmark_runs_bare_and_full(tmp_path, capsys):
         assert row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_memory_bytes"] > 0
         assert len(row["step_ms_all"]) == 2
     full = rows["full"]
-    assert set(full["losses"]) == {"anatomy", "global", "fine"}  # the stage-3 step ran all three losses
+    assert set(full["losses"]) == {"anatomy", "global", "fine", "region"}  # the stage-3 step ran every loss
     assert all(math.isfinite(v) for v in full["losses"].values())
     assert full["full_over_bare"] == pytest.approx(full["images_per_s"] / rows["bare"]["images_per_s"])
     assert full["flops_per_step"] > rows["bare"]["flops_per_step"]

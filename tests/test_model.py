@@ -252,3 +252,24 @@ def test_region_embeddings_depend_on_the_region_content(tiny_model_and_processor
         b[..., :, max(x1, 0):max(x2, x1 + 8)] += 3.0  # change the pixels under the cardiac silhouette's box
         ea, eb = model.encode_image(a)["region_embeds"], model.encode_image(b)["region_embeds"]
     assert (ea[0, 24] - eb[0, 24]).norm() > 1e-3
+
+
+def test_region_loss_trains_the_score_interpret_reports(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    findings = ["pleural effusion", "pneumothorax"]
+    config = model.config
+    texts = [[t[0].format(finding=f, region=r) for r in config.region_names for f in findings]
+             for t in (config.region_prompt_templates, config.region_negated_prompt_templates)]
+    tokens = [processor.tokenize(group) for group in texts]
+    tower = torch.stack([model.get_text_tower_embeds(t["input_ids"], t["attention_mask"]).reshape(29, 2, -1)
+                         for t in tokens])
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 64, 64)
+    labels = torch.full((3, 29, 2), -1.0)
+    labels[0, 6, 0], labels[1, 6, 0], labels[2, 0, 1] = 1.0, 0.0, 1.0
+    with torch.no_grad():
+        output = model(pixel_values=pixels, region_prompt_text_embeds=tower, region_labels=labels)
+        scores = model.zero_shot_scores(pixels, model.prompt_embeds(findings, processor.tokenizer))["region_scores"]
+    known = labels >= 0
+    expected = torch.nn.functional.binary_cross_entropy(scores[known], labels[known])
+    torch.testing.assert_close(output.loss_region, expected, atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ config (detection 300 / detection + global 200 / all three 400 steps):
     global only          global     | global              | global
     detection only       anatomy    | anatomy             | anatomy
     global + detection   anatomy    | anatomy + global    | anatomy + global
-    + fine-grained       anatomy    | anatomy + global    | anatomy + global + fine   (the config as is)
+    + fine-grained       anatomy    | anatomy + global    | anatomy + global + fine + region (the config)
 
 A head whose loss is off gets no training signal of its own (the box head in "global only", the region
 projection without the fine-grained loss), so its metrics stay near chance; they are reported as measured.
@@ -52,7 +52,7 @@ VARIANTS = {
     "global": ("global only", ("global",)),
     "detection": ("detection only", ("anatomy",)),
     "global+detection": ("global + detection", ("anatomy", "global")),
-    "all": ("global + detection + fine-grained", ("anatomy", "global", "fine")),
+    "all": ("global + detection + fine-grained", ("anatomy", "global", "fine", "region")),
 }
 
 

@@ -138,6 +138,8 @@ def full_batch(config: AnatomyVLMConfig, batch_size: int, texts_per_image: int, 
         "box_mask": torch.rand(batch_size, regions, generator=generator) > 0.05,  # a few regions unannotated
         "finding_labels": torch.randint(-1, 2, (batch_size, findings), generator=generator).float(),
         "finding_text_embeds": torch.randn(findings, text_hidden, generator=generator),
+        "region_prompt_text_embeds": torch.randn(2, regions, findings, text_hidden, generator=generator),
+        "region_labels": (torch.rand(batch_size, regions, findings, generator=generator) < 0.05).float(),
         "phrase_text_embeds": torch.randn(num_texts, text_hidden, generator=generator),
         "phrase_positive_mask": positive,
         "phrase_negative_mask": other_region[None] & ~positive,

@@ -42,7 +42,7 @@ from train.labels import RegionPrompts, collate_region_texts, possible_region_te
 from train.text_cache import TextEmbeddingCache  # noqa: E402
 
 logger = logging.getLogger("anatomy_vlm.train")
-LOSSES = ("anatomy", "global", "fine")
+LOSSES = ("anatomy", "global", "fine", "region")
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -135,6 +135,8 @@ class Collator:
         if self.unmentioned_as_negative:
             labels = labels.clamp(min=0)
         batch["finding_labels"] = labels
+        region_labels = torch.tensor(np.array([e["region_labels"] for e in kept]), dtype=torch.float32)
+        batch["region_labels"] = region_labels.clamp(min=0) if self.unmentioned_as_negative else region_labels
         if self.with_texts and self.cache is not None:
             items = []
             for e in kept:
@@ -247,6 +249,11 @@ class AnatomyVLMTask:
                                                      self.processor.tokenizer, texts)
         self.finding_embeds = torch.stack([
             cache.lookup([t.format(finding=f) for t in config.global_prompt_templates]).mean(0) for f in config.findings])
+        # [2, Q, F, text_hidden]: the zero-shot prompt pair of every (region, finding), first template of each.
+        self.region_prompt_embeds = torch.stack([
+            cache.lookup([templates[0].format(finding=f, region=r) for r in config.region_names for f in config.findings])
+            .reshape(len(config.region_names), len(config.findings), -1)
+            for templates in (config.region_prompt_templates, config.region_negated_prompt_templates)])
         on_error = data_cfg.get("on_error", "skip")
         for dataset in (self.train_set, self.val_set):
             dataset.set_transform(make_transform(self.processor, on_error))
@@ -277,6 +284,10 @@ class AnatomyVLMTask:
                 self.finding_embeds = self.finding_embeds.to(batch["pixel_values"].device)
             inputs.update(finding_text_embeds=self.finding_embeds,
                           finding_labels=batch["finding_labels"])
+        if weights.get("region", 0) > 0:
+            if self.region_prompt_embeds.device != batch["pixel_values"].device:
+                self.region_prompt_embeds = self.region_prompt_embeds.to(batch["pixel_values"].device)
+            inputs.update(region_prompt_text_embeds=self.region_prompt_embeds, region_labels=batch["region_labels"])
         if weights.get("fine", 0) > 0:
             inputs.update(phrase_text_embeds=batch["phrase_text_embeds"],
                           phrase_positive_mask=batch["phrase_positive_mask"],
@@ -299,7 +310,7 @@ class AnatomyVLMTask:
                 break
             if "pixel_values" not in batch:
                 continue
-            output = model(**self.inputs(batch, {"global": 1, "fine": 1}))
+            output = model(**self.inputs(batch, {"global": 1, "fine": 1, "region": 1}))
             n = len(batch["pixel_values"])
             pred = box_convert(output.pred_boxes.float(), "cxcywh", "xyxy").reshape(-1, 4)
             true = box_convert(batch["boxes"].float(), "cxcywh", "xyxy").reshape(-1, 4)
