@@ -31,11 +31,6 @@ from train.evaluate import evaluate_checkpoint, load_checkpoint  # noqa: E402
 TARGETS = {"detection_miou": 0.70, "global_auc_macro": 0.85, "region_auc_macro": 0.80}
 
 
-def _resolve(path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configuration" / "train" / "quickstart.yaml"))
@@ -44,7 +39,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cfg = run.load_config(args.config, args.overrides)
-    output_dir = _resolve(cfg["training"]["output_dir"])
+    output_dir = run.resolve(cfg["training"]["output_dir"])
     model_dir = output_dir / "model"
     if args.fresh:
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -60,7 +55,7 @@ def main(argv=None) -> dict:
         run.train(cfg, resume=resume)
     trained = time.perf_counter()
 
-    data_root = _resolve(cfg["data"]["root"])
+    data_root = run.resolve(cfg["data"]["root"])
     metrics = evaluate_checkpoint(model_dir, data_root, "test", unmentioned_as_negative=cfg["data"].get(
         "unmentioned_as_negative", True))
     metrics["train_seconds"] = round(trained - start, 1)

@@ -73,6 +73,12 @@ def load_config(path, overrides=()) -> dict:
     return config
 
 
+def resolve(path) -> Path:
+    """Config paths are relative to the repository root."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
 def model_config(cfg: dict) -> AnatomyVLMConfig:
     kwargs = dict(cfg["model"])
     kwargs.pop("vision_init", None)
@@ -84,11 +90,8 @@ def load_split(cfg: dict, split: str):
     from train.data.imagenome import load_imagenome
 
     data = cfg["data"]
-    root = Path(data["root"])
-    if not root.is_absolute():
-        root = ROOT / root
     return load_imagenome(
-        root, split, region_names=cfg["_region_names"], findings=cfg["_findings"],
+        resolve(data["root"]), split, region_names=cfg["_region_names"], findings=cfg["_findings"],
         on_error=data.get("on_error", "skip"), max_images=data.get("max_images"), num_proc=data.get("index_workers", 1),
     )
 
@@ -100,8 +103,7 @@ def ensure_phantom(cfg: dict) -> None:
         return
     from train.data.phantom import generate_dataset
 
-    root = Path(cfg["data"]["root"])
-    generate_dataset(root if root.is_absolute() else ROOT / root, n=spec["n"], seed=spec.get("seed", 0),
+    generate_dataset(resolve(cfg["data"]["root"]), n=spec["n"], seed=spec.get("seed", 0),
                      size=spec.get("size", 512), workers=spec.get("workers", 1))
 
 
@@ -343,7 +345,7 @@ class SegmentationTask:
             if accelerator.is_main_process:
                 ensure_phantom(cfg)
             self.train_set, self.val_set = segmentation_splits(data_cfg, labels)
-        init_from = _resolve(model_cfg["init_from"])
+        init_from = resolve(model_cfg["init_from"])
         self.model = AnatomyVLMForSemanticSegmentation.from_anatomy_vlm(str(init_from), labels=labels)
         self.mode = model_cfg.get("mode", "full")
         if self.mode not in ("frozen", "full", "lora"):
@@ -404,15 +406,15 @@ def segmentation_splits(data_cfg: dict, labels: list[str]):
     kind = data_cfg.get("dataset", "phantom")
     on_error = data_cfg.get("on_error", "skip")
     if kind == "phantom":
-        root = _resolve(data_cfg["root"])
+        root = resolve(data_cfg["root"])
         return (seg.load_phantom_segmentation(root, data_cfg.get("train_split", "train"), labels, on_error=on_error),
                 seg.load_phantom_segmentation(root, data_cfg.get("val_split", "validate"), labels, on_error=on_error))
     if kind == "chexmask":
-        args = (_resolve(data_cfg["csv"]), _resolve(data_cfg["mimic_cxr_jpg_dir"]))
+        args = (resolve(data_cfg["csv"]), resolve(data_cfg["mimic_cxr_jpg_dir"]))
         return (seg.load_chexmask(*args, split=data_cfg.get("train_split", "train"), on_error=on_error),
                 seg.load_chexmask(*args, split=data_cfg.get("val_split", "validate"), on_error=on_error))
     if kind == "siim":
-        table = seg.load_siim_acr(_resolve(data_cfg["csv"]), _resolve(data_cfg["images_dir"]), on_error=on_error)
+        table = seg.load_siim_acr(resolve(data_cfg["csv"]), resolve(data_cfg["images_dir"]), on_error=on_error)
         parts = table.train_test_split(test_size=data_cfg.get("val_fraction", 0.1), seed=0)
         return parts["train"], parts["test"]
     raise ValueError(f"data.dataset must be phantom, chexmask or siim, got {kind!r}")
@@ -421,20 +423,13 @@ def segmentation_splits(data_cfg: dict, labels: list[str]):
 TASKS = {"anatomy_vlm": AnatomyVLMTask, "segmentation": SegmentationTask}
 
 
-def _resolve(path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else ROOT / path
-
-
 def train(cfg: dict, resume: str | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm import tqdm
 
     run, data_cfg = cfg["training"], cfg["data"]
-    output_dir = Path(run["output_dir"])
-    if not output_dir.is_absolute():
-        output_dir = ROOT / output_dir
+    output_dir = resolve(run["output_dir"])
     mixed = run.get("mixed_precision", "auto")
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
