@@ -168,6 +168,10 @@ def test_staged_schedule_warms_up_and_decays_per_stage():
 
 def test_no_weight_decay_on_norms_biases_queries_and_positions(tiny_model_and_processor):
     model, _ = tiny_model_and_processor
+    scaled = run.param_groups(model, 0.05, encoder_lr_scale=0.1)
+    assert {g.get("lr", 1.0) for g in scaled} == {0.1, 1.0}
+    assert all(("vision_model." in n) == (g.get("lr") == 0.1) for g in scaled for p in g["params"]
+               for n, q in model.named_parameters() if q is p)
     decay, no_decay = run.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

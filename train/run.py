@@ -183,13 +183,23 @@ class EpochOrder(torch.utils.data.Sampler):
 NO_DECAY_KEYWORDS = ("norm", "bias", "anatomy_queries", "position_embeddings", "cls_token", "logit_", "lambda1")
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases, anatomy queries, position embeddings, temperatures."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, encoder_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, anatomy queries, position embeddings, temperatures.
+
+    With `encoder_lr_scale` != 1, the vision tower's parameters get their own groups whose learning rate is that
+    fraction of the schedule's (the optimizer runs at lr 1.0 and the schedule's factor is the learning rate).
+    """
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or any(k in name for k in NO_DECAY_KEYWORDS) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            no_decay = param.ndim < 2 or any(k in name for k in NO_DECAY_KEYWORDS)
+            encoder = encoder_lr_scale != 1.0 and "vision_model." in name
+            groups.setdefault((no_decay, encoder), []).append(param)
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+         **({"lr": encoder_lr_scale} if encoder else {})}
+        for (no_decay, encoder), params in sorted(groups.items())
+    ]
 
 
 def staged_schedule(optimizer, stages: list[dict], min_ratio: float):
@@ -331,7 +341,7 @@ class SegmentationTask:
     """Segmentation transfer (issue: segmentation): an Anatomy-VLM encoder + U-Net decoder, Dice + BCE.
 
     `model.init_from`: an Anatomy-VLM checkpoint; `model.labels`: mask classes; `model.mode`: `frozen` (decoder
-    only), `full` or `lora`. `data.dataset`: `phantom` (`data.root`), `chexmask` (`data.csv`,
+    only), `full` or `lora`; `model.encoder_lr_scale`: the encoder's share of the learning rate. `data.dataset`: `phantom` (`data.root`), `chexmask` (`data.csv`,
     `data.mimic_cxr_jpg_dir`) or `siim` (`data.csv`, `data.images_dir`; no official split: `data.val_fraction`).
     """
 
@@ -472,7 +482,8 @@ def train(cfg: dict, resume: str | None = None) -> Path:
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers,
                                              collate_fn=task.val_collator)
     stages = cfg["stages"]
-    optimizer = torch.optim.AdamW(param_groups(model, run.get("weight_decay", 0.05)), lr=1.0,
+    groups = param_groups(model, run.get("weight_decay", 0.05), float(cfg["model"].get("encoder_lr_scale", 1.0)))
+    optimizer = torch.optim.AdamW(groups, lr=1.0,
                                   betas=tuple(run.get("betas", (0.9, 0.999))), fused=torch.cuda.is_available() or None)
     scheduler = staged_schedule(optimizer, stages, run.get("min_lr_ratio", 0.05))
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
