@@ -40,6 +40,20 @@ def chest_like_image() -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+# Prepended to the scripts that load a saved checkpoint in a fresh interpreter: the project itself must not be
+# importable there, so only the code copied into the checkpoint can serve trust_remote_code.
+BLOCK_PROJECT_IMPORTS = """
+import importlib.abc, sys
+
+class BlockProject(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_anatomy_vlm":
+            raise ImportError("modeling_anatomy_vlm is blocked in this test")
+
+sys.meta_path.insert(0, BlockProject())
+"""
+
+
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 16, **elements):
     """Write a minimal uncompressed single-frame DICOM (what a PACS export looks like, minus patient data)."""
     from pydicom.dataset import Dataset, FileMetaDataset

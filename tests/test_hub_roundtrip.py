@@ -11,16 +11,11 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-LOADER = textwrap.dedent(
+from conftest import BLOCK_PROJECT_IMPORTS
+
+LOADER = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "modeling_anatomy_vlm":
-                raise ImportError("modeling_anatomy_vlm is blocked in this test")
-
-    sys.meta_path.insert(0, BlockProject())
+    import json
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
     checkpoint, image_path, out_path = sys.argv[1:4]

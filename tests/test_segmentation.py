@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_config, write_dicom
+from conftest import BLOCK_PROJECT_IMPORTS, ROOT, tiny_config, write_dicom
 
 from modeling_anatomy_vlm import (
     AnatomyVLMConfig,
@@ -498,17 +498,10 @@ def test_from_anatomy_vlm_copies_the_encoder_from_a_checkpoint_or_a_model(tmp_pa
     assert torch.equal(relabelled.vision_model.norm.weight, base.vision_model.norm.weight)
 
 
-LOADER = textwrap.dedent(
+LOADER = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json
     import numpy as np, torch
-
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "modeling_anatomy_vlm":
-                raise ImportError("modeling_anatomy_vlm is blocked in this test")
-
-    sys.meta_path.insert(0, BlockProject())
     from transformers import AutoModelForSemanticSegmentation
 
     checkpoint, inputs_path, out_dir = sys.argv[1:4]

@@ -213,6 +213,13 @@ def count_flops(step, vision_model: AnatomyVisionTransformer) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- measuring
+def pick_device(parser: argparse.ArgumentParser, choice: str) -> torch.device:
+    """`--device auto|cpu|cuda` -> a device; asking for CUDA where there is none is a usage error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    return torch.device(choice if choice != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -431,9 +438,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(parser, args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (256 if gpu else 8)
     args.steps = args.steps or (20 if gpu else 3)

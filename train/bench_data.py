@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modeling_anatomy_vlm import AnatomyVLMImageProcessor  # noqa: E402
+from train.bench import pick_device  # noqa: E402
 from train.data.phantom import render_phantom  # noqa: E402
 
 DEFAULT_CACHE = ROOT / ".cache" / "bench_data"
@@ -168,9 +169,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(parser, args.device)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 8)
     worker_counts = [int(k) for k in (args.workers or str(os.cpu_count() or 1)).split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
