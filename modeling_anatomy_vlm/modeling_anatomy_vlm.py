@@ -409,9 +409,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                 )
 
         if region_prompt_text_embeds is not None and region_labels is not None:
-            pairs = self.project_text(region_prompt_text_embeds)  # [2, Q, F, D]
-            scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
-            pair_logits = scale * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], pairs)
+            pair_logits = self.region_pair_logits(features["region_embeds"], self.project_text(region_prompt_text_embeds))
             log_odds = pair_logits[..., 0] - pair_logits[..., 1]  # softmax over the pair = sigmoid of this
             losses["region"] = global_finding_loss(log_odds.flatten(1), region_labels.flatten(1))
 
@@ -419,7 +417,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             "anatomy": self.config.anatomy_loss_weight,
             "global": self.config.global_loss_weight,
             "fine": self.config.fine_loss_weight,
-            "region": getattr(self.config, "region_loss_weight", 1.0),
+            "region": self.config.region_loss_weight,
         }
         for name, value in losses.items():
             setattr(output, f"loss_{name}", value)
@@ -431,6 +429,12 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         """`[B, F]` sigmoid logits of each finding for each image."""
         scale = self.logit_scale_global.clamp(max=math.log(100)).exp()
         return scale * image_embeds @ finding_embeds.T + self.logit_bias_global
+
+    def region_pair_logits(self, region_embeds: torch.Tensor, pair_embeds: torch.Tensor) -> torch.Tensor:
+        """`[B, Q, F, 2]` logits of each region against its own prompt pair `pair_embeds` `[2, Q, F, D]`
+        ("<finding> in the <region>", "no <finding> in the <region>"): what training and `zero_shot_scores` share."""
+        scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
+        return scale * torch.einsum("bqd,pqfd->bqfp", region_embeds, pair_embeds)
 
     def region_logits(self, region_embeds: torch.Tensor, phrase_embeds: torch.Tensor) -> torch.Tensor:
         """`[B, Q, T]` contrastive logits of each phrase for each region."""
@@ -485,8 +489,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         (sigmoid of the image-vs-finding logit).
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
-        scale_fine = self.logit_scale_fine.clamp(max=math.log(100)).exp()
-        pair_logits = scale_fine * torch.einsum("bqd,pqfd->bqfp", features["region_embeds"], prompts["pairs"])
+        pair_logits = self.region_pair_logits(features["region_embeds"], prompts["pairs"])
         return {
             "pred_boxes": features["pred_boxes"],
             "region_scores": pair_logits.softmax(-1)[..., 0],

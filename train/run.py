@@ -291,14 +291,13 @@ class AnatomyVLMTask:
     def inputs(self, batch: dict, weights: dict) -> dict:
         """The model inputs a stage needs: texts are passed only when their loss has weight."""
         inputs = {"pixel_values": batch["pixel_values"], "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
+        device = batch["pixel_values"].device
+        if self.finding_embeds.device != device:  # the cached prompt embeddings move once, not every step
+            self.finding_embeds, self.region_prompt_embeds = self.finding_embeds.to(device), self.region_prompt_embeds.to(device)
         if weights.get("global", 0) > 0:
-            if self.finding_embeds.device != batch["pixel_values"].device:  # moved once, not every step
-                self.finding_embeds = self.finding_embeds.to(batch["pixel_values"].device)
             inputs.update(finding_text_embeds=self.finding_embeds,
                           finding_labels=batch["finding_labels"])
         if weights.get("region", 0) > 0:
-            if self.region_prompt_embeds.device != batch["pixel_values"].device:
-                self.region_prompt_embeds = self.region_prompt_embeds.to(batch["pixel_values"].device)
             inputs.update(region_prompt_text_embeds=self.region_prompt_embeds, region_labels=batch["region_labels"])
         if weights.get("fine", 0) > 0:
             inputs.update(phrase_text_embeds=batch["phrase_text_embeds"],
