@@ -103,6 +103,7 @@ _DEFAULT_VISION_CONFIG = {
 }
 
 SUPPORTED_VISION_TYPES = ("vit", "dinov2")
+PATCH_EMBEDDINGS = ("linear", "conv")
 TEXT_POOLING_MODES = ("mean", "cls")
 
 
@@ -139,6 +140,10 @@ class AnatomyVLMConfig(PreTrainedConfig):
         vision_config (`dict` or `ViTConfig` / `Dinov2Config`, *optional*):
             The vision tower (ViT or DINOv2 family). Its `image_size` is the model's input resolution.
             Defaults to ViT-B/16 at 224 px.
+        patch_embedding (`str`, *optional*, defaults to `"linear"`):
+            How pixels become patch tokens: `"linear"` (one strided projection, the ViT / DINOv2 layout that
+            pretrained checkpoints load into) or `"conv"` (a small BatchNorm CNN with stride `patch_size`, a hybrid
+            tower that learns from few images far faster than a randomly initialised ViT; the `make quickstart` choice).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the frozen text encoder. Defaults to the config of `text_model_name_or_path`
             (all-MiniLM-L6-v2's BERT config for the embedded default).
@@ -177,6 +182,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         self,
         vision_config=None,
         text_config=None,
+        patch_embedding: str = "linear",
         text_model_name_or_path: str = EMBEDDED_TEXT_ENCODER,
         text_pooling: str = "mean",
         region_names=None,
@@ -200,6 +206,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
     ):
         self.vision_config = _as_config(vision_config, _DEFAULT_VISION_CONFIG, "vision_config")
         self.text_config = _as_config(text_config, _MINILM_TEXT_CONFIG, "text_config")
+        self.patch_embedding = patch_embedding
         self.text_model_name_or_path = text_model_name_or_path
         self.text_pooling = text_pooling
         self.region_names = list(region_names if region_names is not None else ANATOMICAL_REGIONS)
@@ -245,6 +252,10 @@ class AnatomyVLMConfig(PreTrainedConfig):
             fail("vision_config.image_size and patch_size must be single integers (square inputs)")
         if vision.image_size % vision.patch_size:
             fail(f"vision_config.image_size ({vision.image_size}) must be a multiple of patch_size ({vision.patch_size})")
+        if self.patch_embedding not in PATCH_EMBEDDINGS:
+            fail(f"patch_embedding must be one of {PATCH_EMBEDDINGS}, got {self.patch_embedding!r}")
+        if self.patch_embedding == "conv" and (vision.patch_size < 2 or vision.patch_size & (vision.patch_size - 1)):
+            fail(f"patch_embedding='conv' halves the resolution per stage: patch_size must be a power of 2, got {vision.patch_size}")
         if vision.hidden_size % vision.num_attention_heads:
             fail(f"vision hidden_size ({vision.hidden_size}) must divide by num_attention_heads ({vision.num_attention_heads})")
         if self.text_pooling not in TEXT_POOLING_MODES:

@@ -62,15 +62,34 @@ def _mlp_hidden_size(vision_config) -> int:
     return vision_config.intermediate_size
 
 
+class ConvPatchEmbedding(nn.Sequential):
+    """A small CNN with stride `patch_size`: per stage a stride-2 and a stride-1 3x3 convolution, each with
+    BatchNorm and ReLU, channels doubling from 32; a 1x1 convolution maps to the tower width. Convolutions bring
+    the locality prior a randomly initialised ViT lacks, and BatchNorm adapts to the narrow intensity range of
+    radiographs, so a small hybrid tower learns findings from a few thousand images (`patch_embedding="conv"`)."""
+
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int):
+        layers, channels = [], in_channels
+        for stage in range(patch_size.bit_length() - 1):
+            width = 32 * 2**stage
+            for stride, source in ((2, channels), (1, width)):
+                layers += [nn.Conv2d(source, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        super().__init__(*layers, nn.Conv2d(channels, hidden_size, 1))
+
+
 class AnatomyVisionEmbeddings(nn.Module):
     """Patch embedding + [CLS] + learned position embeddings (ViT / DINOv2 layout)."""
 
-    def __init__(self, vision_config):
+    def __init__(self, vision_config, patch_embedding: str = "linear"):
         super().__init__()
         hidden = vision_config.hidden_size
         self.patch_size = vision_config.patch_size
         self.grid_size = vision_config.image_size // vision_config.patch_size
-        self.patch_embed = nn.Conv2d(vision_config.num_channels, hidden, self.patch_size, stride=self.patch_size)
+        if patch_embedding == "conv":
+            self.patch_embed = ConvPatchEmbedding(vision_config.num_channels, hidden, self.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(vision_config.num_channels, hidden, self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, hidden))
 
@@ -148,7 +167,7 @@ class AnatomyVisionTransformer(nn.Module):
     def __init__(self, config: AnatomyVLMConfig):
         super().__init__()
         vision_config = config.vision_config
-        self.embeddings = AnatomyVisionEmbeddings(vision_config)
+        self.embeddings = AnatomyVisionEmbeddings(vision_config, config.patch_embedding)
         self.anatomy_queries = AnatomyQueries(config.num_anatomy_queries, vision_config.hidden_size)
         self.blocks = nn.ModuleList(AnatomyVisionBlock(vision_config) for _ in range(vision_config.num_hidden_layers))
         self.norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
@@ -207,7 +226,7 @@ class AnatomyVLMPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
             module.weight.fill_(1.0)
             module.bias.zero_()
 
@@ -262,6 +281,11 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
     def load_vision_encoder(self, name_or_path: str):
         """Copy a ViT or DINOv2 checkpoint into the vision tower, interpolating position embeddings to the
         configured grid. Anatomy queries and heads keep their initialisation."""
+        if self.config.patch_embedding != "linear":
+            raise ValueError(
+                f"cannot load {name_or_path}: ViT / DINOv2 checkpoints have a linear patch embedding but this model's "
+                f"patch_embedding is {self.config.patch_embedding!r}; set patch_embedding: linear to start from a checkpoint"
+            )
         source = AutoModel.from_pretrained(name_or_path)
         if source.config.model_type != self.config.vision_config.model_type:
             raise ValueError(

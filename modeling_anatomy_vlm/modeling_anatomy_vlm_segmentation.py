@@ -272,11 +272,20 @@ class AnatomyVLMForSemanticSegmentation(AnatomyVLMPreTrainedModel):
     def freeze_encoder(self):
         """Train the decoder only (the paper's frozen-encoder transfer)."""
         self.vision_model.requires_grad_(False)
-        return self
+        return self.train(self.training)
 
     def unfreeze_encoder(self):
         """Train encoder and decoder (full fine-tuning)."""
         self.vision_model.requires_grad_(True)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen encoder (frozen mode, or a LoRA base) keeps its BatchNorm statistics (conv patch embedding):
+        # updating them in train mode would change the encoder that "frozen" promises to leave alone.
+        for module in self.vision_model.modules():
+            if isinstance(module, nn.BatchNorm2d) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
         return self
 
     @classmethod

@@ -289,13 +289,20 @@ def test_ablation_runs_four_variants_with_one_budget(phantom_root, tmp_path, dat
     assert weights["global+detection"] == [{"anatomy": 1.0}, {"anatomy": 1.0, "global": 0.5},
                                            {"anatomy": 1.0, "global": 1.0}]
     assert weights["all"] == [s["loss_weights"] for s in cfg["stages"]]
+    warm = {**cfg, "stages": cfg["stages"][:2] + [{**cfg["stages"][2], "warmup_steps": 3}]}
+    scaled = ablation.scale_steps(warm, 0.5)["stages"]
+    assert [(s["steps"], s.get("warmup_steps")) for s in scaled] == [(1, None), (1, None), (1, 1)]
+    assert warm["stages"][2]["steps"] == 2  # the config itself is left alone
+    with pytest.raises(ValueError, match="steps-fraction"):
+        ablation.scale_steps(cfg, 1.5)
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "ablation"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ablation.main(["--config", str(config_path), "--out", str(out), "--bootstrap", "0", "--no-plots"])
+        ablation.main(["--config", str(config_path), "--steps-fraction", "1", "--out", str(out), "--bootstrap", "0",
+                       "--no-plots"])
     table = (out / "ablation.md").read_text().splitlines()
     rows = table[table.index("|---|---|---|---|---|---|---|") + 1:]
     assert [row.split(" | ")[0] for row in rows] == [f"| {label}" for label, _ in ablation.VARIANTS.values()]

@@ -23,6 +23,9 @@ def test_regions_are_the_29_chest_imagenome_names_in_order():
         ({"region_prompt_templates": ["{finding} somewhere"]}, "region_prompt_templates"),
         ({"vision_config": {"model_type": "bert"}}, "vision_config.model_type"),
         ({"vision_config": {"model_type": "vit", "image_size": 100, "patch_size": 16}}, "multiple of patch_size"),
+        ({"patch_embedding": "mlp"}, "patch_embedding must be one of"),
+        ({"patch_embedding": "conv", "vision_config": {"model_type": "vit", "image_size": 96, "patch_size": 12}},
+         "patch_size must be a power of 2"),
     ],
 )
 def test_invalid_config_values_raise_one_clear_error(overrides, message):
@@ -166,6 +169,32 @@ def test_position_embeddings_are_interpolated_to_the_configured_resolution(tmp_p
     source.save_pretrained(tmp_path / "constant")
     model.load_vision_encoder(str(tmp_path / "constant"))
     assert torch.allclose(model.vision_model.embeddings.position_embeddings[:, 1:], torch.tensor(0.25), atol=1e-6)
+
+
+def test_conv_patch_embedding_downsamples_by_the_patch_size_and_round_trips_its_batchnorm(tmp_path):
+    torch.manual_seed(0)
+    model = AnatomyVLMModel(tiny_config(patch_embedding="conv"))
+    stem = model.vision_model.embeddings.patch_embed
+    strides = [m.stride[0] for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 1] * 4 + [1]  # 16 = 2^4: four stride-2 stages, then the 1x1 projection
+    pixels = torch.randn(3, 3, 64, 64)
+    assert model.vision_model(pixels).shape == (3, 1 + 16 + 29, 64)  # [CLS] + 4 x 4 patches + queries
+    model.train()
+    model(pixel_values=pixels)  # moves the BatchNorm running statistics away from their initial 0 / 1
+    running_mean = stem[1].running_mean.clone()
+    assert running_mean.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path / "conv")
+    loaded = AnatomyVLMModel.from_pretrained(tmp_path / "conv").eval()
+    assert torch.equal(loaded.vision_model.embeddings.patch_embed[1].running_mean, running_mean)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).image_embeds, model(pixel_values=pixels).image_embeds)
+
+
+def test_vision_checkpoint_into_a_conv_stem_is_refused(tmp_path):
+    _write_vit(tmp_path / "tower", image_size=64)
+    model = AnatomyVLMModel(tiny_config(patch_embedding="conv"))
+    with pytest.raises(ValueError, match="patch_embedding is 'conv'"):
+        model.load_vision_encoder(str(tmp_path / "tower"))
 
 
 def test_vision_checkpoint_of_another_size_is_refused(tmp_path):

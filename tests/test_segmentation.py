@@ -437,8 +437,9 @@ def test_checkpointed_encoder_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5)
 
 
-def test_frozen_encoder_gets_no_gradients_and_does_not_change():
-    model = _segmentation_model().train().freeze_encoder()
+@pytest.mark.parametrize("patch_embedding", ["linear", "conv"])  # conv: BatchNorm statistics must stay too
+def test_frozen_encoder_gets_no_gradients_and_does_not_change(patch_embedding):
+    model = _segmentation_model(patch_embedding=patch_embedding).train().freeze_encoder()
     encoder_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -450,6 +451,9 @@ def test_frozen_encoder_gets_no_gradients_and_does_not_change():
     assert any(not torch.equal(v, decoder_before[k]) for k, v in model.decoder.state_dict().items())
     model.unfreeze_encoder()
     assert all(p.requires_grad for p in model.parameters())
+    model(pixel_values, labels=labels)  # a trainable encoder updates its BatchNorm statistics again
+    assert any(not torch.equal(v, encoder_before[k]) for k, v in model.vision_model.state_dict().items()) == (
+        patch_embedding == "conv")
 
 
 def test_lora_adapters_only_on_the_encoder_and_merge_back():

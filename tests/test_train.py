@@ -81,17 +81,24 @@ def test_training_never_runs_the_text_tower(phantom_root, tmp_path, dataset_cach
     assert (output / "model" / "model.safetensors").is_file()
 
 
-def test_resume_mid_stage_matches_uninterrupted(phantom_root, tmp_path, dataset_cache):
+@pytest.mark.parametrize("patch_embedding", ["linear", "conv"])
+def test_resume_mid_stage_matches_uninterrupted(phantom_root, tmp_path, dataset_cache, patch_embedding):
+    def config(output, **training):
+        cfg = tiny_train_config(phantom_root, output, steps=(3, 3, 3), **training)
+        cfg["model"]["patch_embedding"] = patch_embedding
+        return cfg
+
     straight = tmp_path / "straight"
-    run.train(tiny_train_config(phantom_root, straight, steps=(3, 3, 3)))
+    run.train(config(straight))
     resumed = tmp_path / "resumed"
-    run.train(tiny_train_config(phantom_root, resumed, steps=(3, 3, 3), stop_after_steps=5))  # stage 2, step 2
+    run.train(config(resumed, stop_after_steps=5))  # stage 2, step 2
     state = json.loads((resumed / "checkpoints" / "step_5" / "trainer_state.json").read_text())
     assert (state["stage"], state["step_in_stage"]) == (1, 2)
     assert not (resumed / "model").exists()
-    run.train(tiny_train_config(phantom_root, resumed, steps=(3, 3, 3)), resume="latest")
+    run.train(config(resumed), resume="latest")
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
+    assert any("running_mean" in key for key in a) == (patch_embedding == "conv")  # BatchNorm statistics resume too
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
     assert any(not torch.equal(a[k], load_file(str(resumed / "checkpoints/step_5/model.safetensors"))[k]) for k in a)
@@ -186,7 +193,9 @@ def test_no_weight_decay_on_norms_biases_queries_and_positions(tiny_model_and_pr
 def test_two_cpu_processes_keep_identical_replicas(phantom_root, tmp_path, dataset_cache):
     output = tmp_path / "ddp"
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_train_config(phantom_root, output, steps=(2, 2, 2))))
+    cfg = tiny_train_config(phantom_root, output, steps=(2, 2, 2))
+    cfg["model"]["patch_embedding"] = "conv"  # BatchNorm: DDP broadcasts rank 0's running statistics
+    config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         # accelerate 1.15 starts ONE process for `--cpu --num_processes 2` (it needs mpirun for more); `--multi_gpu`

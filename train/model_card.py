@@ -301,7 +301,8 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
         data_warning=data_warning,
         data_limitation=data_limitation,
         vision=(f"{VISION_NAMES.get(vision['model_type'], vision['model_type'])}, {vision['image_size']} px, "
-                f"patch {vision['patch_size']}, "
+                f"patch {vision['patch_size']}"
+                f"{' (BatchNorm CNN patch embedding)' if config.get('patch_embedding') == 'conv' else ''}, "
                 f"{vision['num_hidden_layers']} layers, width {vision['hidden_size']}"),
         text_encoder=text_encoder,
         text_pooling=config.get("text_pooling", "mean"),

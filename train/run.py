@@ -277,10 +277,12 @@ class AnatomyVLMTask:
     def lora_config(self, lora: dict):
         from peft import LoraConfig
 
+        trained_fully = ["anatomy_queries", "box_head", "visual_projection", "region_projection", "text_projection"]
+        if self.model.config.patch_embedding == "conv":  # no checkpoint holds a conv stem: it must learn from scratch
+            trained_fully.append("patch_embed")
         return LoraConfig(
             r=lora.get("r", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=r".*vision_model\.blocks\.\d+\.(attn\.qkv|attn\.proj|fc1|fc2)",
-            modules_to_save=["anatomy_queries", "box_head", "visual_projection", "region_projection", "text_projection"],
+            target_modules=r".*vision_model\.blocks\.\d+\.(attn\.qkv|attn\.proj|fc1|fc2)", modules_to_save=trained_fully,
         )
 
     def start_stage(self, stage: dict) -> dict:
