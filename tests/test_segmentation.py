@@ -395,6 +395,17 @@ def test_output_shapes_and_feature_layers():
         segmentation_feature_layers(vit_b)
 
 
+def test_classifier_is_he_initialised_and_the_rest_keeps_the_tower_init():
+    # At std 0.02 the classifier's logits start near 0 and a class (the heart, from the conv-stem quickstart
+    # encoder) could stay below 0 everywhere for a whole training; He init keeps every class learning.
+    model = _segmentation_model()
+    weight = model.decoder.classifier.weight
+    he_std = (2.0 / weight[0].numel()) ** 0.5
+    assert 0.6 * he_std < weight.std().item() < 1.4 * he_std
+    assert torch.count_nonzero(model.decoder.classifier.bias) == 0
+    assert model.decoder.head.layers[0].weight.std().item() == pytest.approx(model.config.initializer_range, rel=0.3)
+
+
 def test_losses_ignore_padding_and_score_perfect_predictions():
     labels = torch.zeros(1, 1, 8, 8)
     labels[..., :4, :4] = 1
