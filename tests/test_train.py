@@ -104,6 +104,33 @@ def test_resume_mid_stage_matches_uninterrupted(phantom_root, tmp_path, dataset_
     assert any(not torch.equal(a[k], load_file(str(resumed / "checkpoints/step_5/model.safetensors"))[k]) for k in a)
 
 
+def test_a_stage_keeps_its_frozen_parameters_fixed(phantom_root, tmp_path, dataset_cache):
+    def config(output, frozen_stages, **training):
+        cfg = tiny_train_config(phantom_root, output, **training)
+        cfg["model"]["patch_embedding"] = "conv"
+        for index in frozen_stages:
+            cfg["stages"][index]["frozen"] = ["vision_model.embeddings.patch_embed"]
+        return cfg
+
+    stage_one = tmp_path / "stage_one"  # stem frozen in stage 1 only, stopped at its end
+    run.train(config(stage_one, [0], stop_after_steps=2))
+    run.train(config(stage_one, [0]), resume="latest")
+    always = tmp_path / "always"  # stem frozen throughout: it ends with its initial weights
+    run.train(config(always, [0, 1, 2]))
+    after_stage_one = load_file(str(stage_one / "checkpoints" / "step_2" / "model.safetensors"))
+    final, initial = _weights(stage_one), _weights(always)
+    stem = [k for k in final if "patch_embed" in k and k.endswith(("weight", "bias"))]
+    assert len(stem) > 10
+    for key in stem:
+        torch.testing.assert_close(after_stage_one[key], initial[key], atol=0, rtol=0, msg=key)
+    assert all(not torch.equal(final[key], initial[key]) for key in stem if key.endswith("weight"))  # stages 2-3
+
+    with pytest.raises(ValueError, match="frozen prefix 'vision_model.stem' names no model parameter"):
+        cfg = config(tmp_path / "typo", [])
+        cfg["stages"][0]["frozen"] = ["vision_model.stem"]
+        run.train(cfg)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(phantom_root, tmp_path, dataset_cache):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         run.train(tiny_train_config(phantom_root, tmp_path / "none"), resume="latest")

@@ -212,7 +212,9 @@ def staged_schedule(optimizer, stages: list[dict], min_ratio: float):
 
     def lr_at(step: int) -> float:
         index = min(int(np.searchsorted(bounds, step, side="right")) - 1, len(stages) - 1)
-        stage, local, total = stages[index], step - bounds[index], bounds[index + 1] - bounds[index]
+        # Python numbers, not NumPy scalars: the scheduler's state (last lr) is saved in checkpoints, and
+        # torch.load(weights_only=True) refuses NumPy scalars when resuming.
+        stage, local, total = stages[index], int(step - bounds[index]), int(bounds[index + 1] - bounds[index])
         peak, warmup = float(stage["lr"]), int(stage.get("warmup_steps", 0))
         if local < warmup:
             return peak * (local + 1) / warmup
@@ -223,6 +225,22 @@ def staged_schedule(optimizer, stages: list[dict], min_ratio: float):
 
 
 # ------------------------------------------------------------------------------------------------- state
+def frozen_parameters(named_parameters: dict, stage: dict) -> list:
+    """The parameters a stage keeps fixed: those whose names start with one of its `frozen` prefixes.
+
+    Their gradients are dropped after each backward pass rather than switching `requires_grad`, so a model
+    wrapped for data parallelism keeps the same set of gradients in every stage. A prefix that names no
+    parameter is a config error.
+    """
+    frozen = []
+    for prefix in stage.get("frozen", []):
+        matched = [parameter for name, parameter in named_parameters.items() if name.startswith(prefix)]
+        if not matched:
+            raise ValueError(f"stage {stage.get('name')!r}: frozen prefix {prefix!r} names no model parameter")
+        frozen += matched
+    return frozen
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     folders = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file()]
     return max(folders, key=lambda p: int(p.name.split("_")[1])) if folders else None
@@ -518,9 +536,11 @@ def train(cfg: dict, resume: str | None = None) -> Path:
     max_grad_norm, stop_after = run.get("max_grad_norm", 1.0), run.get("stop_after_steps")
     images_per_step = batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
+    named_parameters = dict(accelerator.unwrap_model(model).named_parameters())
     for stage_index in range(state["stage"], len(stages)):
         stage = stages[stage_index]
         weights = task.start_stage(stage)
+        frozen = frozen_parameters(named_parameters, stage)
         total = int(stage["steps"])
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=total, initial=step, desc=f"stage {stage_index + 1} {stage['name']}", unit="step",
@@ -541,6 +561,8 @@ def train(cfg: dict, resume: str | None = None) -> Path:
                     output = model(**task.inputs(batch, weights))
                     loss, parts = task.loss(output, weights)
                     accelerator.backward(loss)
+                    for parameter in frozen:  # no gradient: AdamW neither steps nor decays them this stage
+                        parameter.grad = None
                     if accelerator.sync_gradients and max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                     optimizer.step()
