@@ -541,6 +541,9 @@ def train(cfg: dict, resume: str | None = None) -> Path:
         stage = stages[stage_index]
         weights = task.start_stage(stage)
         frozen = frozen_parameters(named_parameters, stage)
+        if frozen and accelerator.state.deepspeed_plugin is not None:  # its engine keeps gradients out of reach
+            raise ValueError(f"stage {stage['name']!r}: `frozen` is not supported under DeepSpeed; "
+                             "drop it from the stage or launch without DeepSpeed")
         total = int(stage["steps"])
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=total, initial=step, desc=f"stage {stage_index + 1} {stage['name']}", unit="step",
