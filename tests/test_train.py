@@ -126,9 +126,10 @@ def test_a_stage_keeps_its_frozen_parameters_fixed(phantom_root, tmp_path, datas
     assert all(not torch.equal(final[key], initial[key]) for key in stem if key.endswith("weight"))  # stages 2-3
 
     with pytest.raises(ValueError, match="frozen prefix 'vision_model.stem' names no model parameter"):
-        cfg = config(tmp_path / "typo", [])
-        cfg["stages"][0]["frozen"] = ["vision_model.stem"]
+        cfg = config(tmp_path / "typo", [], checkpoint_every=1)  # a trained step would leave a checkpoint
+        cfg["stages"][2]["frozen"] = ["vision_model.stem"]  # the last stage: caught before stage 1 trains
         run.train(cfg)
+    assert not (tmp_path / "typo" / "checkpoints").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(phantom_root, tmp_path, dataset_cache):

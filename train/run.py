@@ -536,14 +536,16 @@ def train(cfg: dict, resume: str | None = None) -> Path:
     max_grad_norm, stop_after = run.get("max_grad_norm", 1.0), run.get("stop_after_steps")
     images_per_step = batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
+    # Every stage's `frozen` list is checked here, so a typo in a late stage fails before any training.
     named_parameters = dict(accelerator.unwrap_model(model).named_parameters())
-    for stage_index in range(state["stage"], len(stages)):
-        stage = stages[stage_index]
-        weights = task.start_stage(stage)
-        frozen = frozen_parameters(named_parameters, stage)
+    frozen_by_stage = [frozen_parameters(named_parameters, stage) for stage in stages]
+    for stage, frozen in zip(stages, frozen_by_stage):
         if frozen and accelerator.state.deepspeed_plugin is not None:  # its engine keeps gradients out of reach
             raise ValueError(f"stage {stage['name']!r}: `frozen` is not supported under DeepSpeed; "
                              "drop it from the stage or launch without DeepSpeed")
+    for stage_index in range(state["stage"], len(stages)):
+        stage, frozen = stages[stage_index], frozen_by_stage[stage_index]
+        weights = task.start_stage(stage)
         total = int(stage["steps"])
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=total, initial=step, desc=f"stage {stage_index + 1} {stage['name']}", unit="step",
