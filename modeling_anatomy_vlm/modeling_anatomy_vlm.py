@@ -1,8 +1,8 @@
 """Anatomy-VLM: a ViT whose sequence is [CLS] + patches + one learnable query per anatomical region.
 
 Each anatomy query predicts its region's box (query i is region i) and, concatenated with the mean patch
-token, its region embedding; [CLS] gives the global embedding. Both are aligned with a frozen text encoder
-through a trainable projection (arXiv 2511.08402).
+token, its region embedding; [CLS] with the max over patch tokens gives the global embedding. Both are aligned
+with a frozen text encoder through a trainable projection (arXiv 2511.08402).
 """
 
 import math
@@ -316,7 +316,8 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
 
         A region embedding joins its anatomy token with the mean of the patch tokens inside the region's predicted
         box (`box_pooling_weights`), so it carries what that region looks like in this image, not only which
-        region it is. The image embedding joins [CLS] with the mean of all patch tokens.
+        region it is. The image embedding joins [CLS] with the element-wise max over all patch tokens: a finding
+        that fills a few patches (a tube, a nodule, a curved spine) survives a max but is diluted in a mean.
         """
         hidden = self.vision_model(pixel_values)  # [B, 1 + N + Q, hidden]
         num_queries = self.config.num_anatomy_queries
@@ -326,7 +327,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         weights = box_pooling_weights(pred_boxes.detach(), self.vision_model.embeddings.grid_size)  # [B, Q, N]
         region_patches = weights.to(patch_tokens.dtype) @ patch_tokens  # [B, Q, hidden]
         region_embeds = self.region_projection(torch.cat([anatomy_tokens, region_patches], dim=-1))
-        image_embeds = self.visual_projection(torch.cat([cls_token, patch_tokens.mean(dim=1)], dim=-1))
+        image_embeds = self.visual_projection(torch.cat([cls_token, patch_tokens.amax(dim=1)], dim=-1))
         return {
             "pred_boxes": pred_boxes,
             "image_embeds": F.normalize(image_embeds, dim=-1),

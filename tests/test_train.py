@@ -201,6 +201,37 @@ def test_staged_schedule_warms_up_and_decays_per_stage():
     assert lrs[4] == pytest.approx(1e-4) and lrs[7] < lrs[5]
 
 
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert run.resolve_mixed_precision("auto", on_cpu=True) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert run.resolve_mixed_precision("auto", on_cpu=True) == "no"  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert run.resolve_mixed_precision("auto", on_cpu=True) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert run.resolve_mixed_precision("auto", on_cpu=False) == "no"  # e.g. a V100: the CPU's bf16 does not count
+    assert run.resolve_mixed_precision("fp16", on_cpu=True) == "fp16"
+    assert run.resolve_mixed_precision("no", on_cpu=True) == "no"
+
+
+def test_bf16_training_on_cpu_keeps_fp32_weights_close_to_an_fp32_run(phantom_root, tmp_path, dataset_cache):
+    from accelerate.state import AcceleratorState
+
+    weights = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(reset_partial_state=True)  # one process, two precisions: a fresh state each
+        run.train(tiny_train_config(phantom_root, tmp_path / precision, steps=(2, 2, 2), mixed_precision=precision))
+        weights[precision] = _weights(tmp_path / precision)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    fp32, bf16 = weights["no"], weights["bf16"]
+    assert all(value.dtype == torch.float32 for value in bf16.values())  # autocast computes in bf16, stores fp32
+    changed = [key for key in fp32 if not torch.equal(fp32[key], bf16[key])]
+    assert any(key.startswith("vision_model.blocks") for key in changed)  # bf16 matmuls did run
+    for key in fp32:  # ... and trained the same model, within bf16 rounding over six steps
+        torch.testing.assert_close(bf16[key], fp32[key], atol=2e-2, rtol=0, msg=key)
+
+
 def test_no_weight_decay_on_norms_biases_queries_and_positions(tiny_model_and_processor):
     model, _ = tiny_model_and_processor
     scaled = run.param_groups(model, 0.05, encoder_lr_scale=0.1)

@@ -11,14 +11,14 @@ For each vision configuration, in one process, on one device and with one batch 
         region-phrase InfoNCE against `--texts-per-image` x batch cached text-tower embeddings), with the
         inputs, stage-weighted loss sum and AdamW parameter groups of the trainer;
 each eager and under `torch.compile` (the loss function is compiled; backward, gradient clipping and the
-AdamW step run as in the trainer). Both use AdamW (fused on CUDA), gradient clipping at 1.0 and bf16 autocast
-on CUDA (fp32 on CPU, as the trainer does). The batch is on the device before timing: the input pipeline is
+AdamW step run as in the trainer). Both use AdamW (fused on CUDA), gradient clipping at 1.0 and the precision
+the trainer's `mixed_precision: auto` picks: bf16 autocast on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32. The batch is on the device before timing: the input pipeline is
 `train/bench_data.py`'s job.
 
 FLOPs: counted once per model by `torch.utils.flop_counter.FlopCounterMode` over one eager forward + backward
 (matmuls, convolutions and attention; element-wise work and the optimizer are not counted; gradient
 checkpointing's recomputation is not counted, so TFLOP/s is model FLOP/s). `%peak` divides by a matmul
-rate measured here: bf16 8192^3 products on CUDA, fp32 1024^3 on CPU. Columns: BENCHMARKS.md.
+rate measured here in that precision: bf16 8192^3 products on CUDA, 1024^3 on CPU. Columns: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 
 from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel  # noqa: E402
 from modeling_anatomy_vlm.modeling_anatomy_vlm import AnatomyVisionTransformer  # noqa: E402
-from train.run import LOSSES, param_groups  # noqa: E402
+from train.run import LOSSES, param_groups, resolve_mixed_precision  # noqa: E402
 
 STAGE3_WEIGHTS = {name: 1.0 for name in LOSSES}  # every loss on: the most expensive stage
 WEIGHT_DECAY, MAX_GRAD_NORM, LEARNING_RATE = 0.05, 1.0, 1e-4
@@ -249,9 +249,10 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[lis
     return times, losses
 
 
-def matmul_peak(device: torch.device, repeats: int = 10) -> tuple[float, str]:
-    """Median TFLOP/s of square matrix products: bf16 8192^3 on CUDA, fp32 1024^3 on CPU (random operands)."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+def matmul_peak(device: torch.device, bf16: bool, repeats: int = 10) -> tuple[float, str]:
+    """Median TFLOP/s of square matrix products in the benchmark's precision: 8192^3 on CUDA, 1024^3 on CPU."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if bf16 else torch.float32
     pairs = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
              for _ in range(2)]  # alternate between two operand pairs
     for a, b in pairs * 5:  # warm-up (clocks, library handles)
@@ -357,15 +358,20 @@ def build(kind: str, config: AnatomyVLMConfig, args, device: torch.device, gener
     return model, batch, optimizer
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return lambda: torch.autocast("cpu", enabled=False)
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """--precision auto follows the trainer's `mixed_precision: auto` (`train.run.resolve_mixed_precision`)."""
+    if precision == "auto":
+        return resolve_mixed_precision("auto", on_cpu=device.type == "cpu") == "bf16"
+    return precision == "bf16"
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def benchmark_config(spec: VisionSpec, args, device: torch.device, peak_tflops: float) -> list[Result]:
     config = AnatomyVLMConfig(vision_config=spec.vision_config(), projection_dim=512)
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, uses_bf16(device, args.precision))
     results = []
     for kind in ("bare", "full"):
         torch.manual_seed(0)
@@ -435,6 +441,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sync-debug", action="store_true",
                         help="CUDA: after timing, run one step with torch.cuda.set_sync_debug_mode('error')")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: the trainer's choice (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -463,15 +471,16 @@ def run(args, device: torch.device, specs: list[VisionSpec]) -> dict:
     if args.sync_debug and not gpu:
         print("--sync-debug: CUDA only, skipped on CPU")
 
-    peak_tflops, peak_kind = matmul_peak(device)
-    print(f"device {device} ({name}); torch {torch.__version__}; measured peak {peak_tflops:.3f} TFLOP/s "
-          f"({peak_kind}); batch {args.batch_size}, {args.texts_per_image} texts/image, {args.warmup} warm-up + "
+    bf16 = uses_bf16(device, args.precision)
+    peak_tflops, peak_kind = matmul_peak(device, bf16)
+    print(f"device {device} ({name}); torch {torch.__version__}; {'bf16 autocast' if bf16 else 'fp32'}; measured peak "
+          f"{peak_tflops:.3f} TFLOP/s ({peak_kind}); batch {args.batch_size}, {args.texts_per_image} texts/image, {args.warmup} warm-up + "
           f"{args.steps} timed steps{', gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
     results = [r for spec in specs for r in benchmark_config(spec, args, device, peak_tflops)]
     print(format_table(results, "GiB peak" if gpu else "GiB RSS"))
     report = {
         "device": str(device), "device_name": name, "torch": torch.__version__,
-        "peak_tflops": peak_tflops, "peak_kind": peak_kind,
+        "precision": "bf16" if bf16 else "fp32", "peak_tflops": peak_tflops, "peak_kind": peak_kind,
         "memory": "cuda max_memory_allocated" if gpu else "process peak RSS",
         "batch_size": args.batch_size, "texts_per_image": args.texts_per_image, "steps": args.steps,
         "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
