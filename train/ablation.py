@@ -9,8 +9,8 @@ warmup, so the same learning-rate schedule), batch size, data, image order and s
 A variant enables a set of losses; each stage keeps the losses of the config that the variant enables, at their
 configured weights, and a stage left with none (stage 1, detection only, in the global-only variant) trains
 the variant's losses at weight 1.0 for its steps instead, so no variant trains fewer steps. By default every
-stage runs 2/3 of the config's steps (`--steps-fraction`), so the four trainings of the quickstart config fit
-45 minutes on a 2-core CPU; with the quickstart config (detection 100 / detection + global 200 / all 300 steps):
+stage runs 2/3 of the config's steps (`--steps-fraction`), so the four trainings cost as much as 2.7 trainings
+of the config; with the quickstart config (detection 100 / detection + global 367 / all 600 steps):
 
     global only          global     | global              | global
     detection only       anatomy    | anatomy             | anatomy
@@ -200,8 +200,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value for every variant, e.g. --set stages.2.steps=100")
     parser.add_argument("--steps-fraction", type=float, default=2 / 3,
-                        help="each stage trains this fraction of the config's steps (default 2/3: the four quickstart "
-                             "trainings fit 45 minutes on a 2-core CPU; 1 = the config's full budget)")
+                        help="each stage trains this fraction of the config's steps (default 2/3: the four "
+                             "trainings cost 2.7 trainings of the config; 1 = the config's full budget)")
     parser.add_argument("--out", default="outputs/ablation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs (0 = none)")

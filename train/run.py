@@ -454,8 +454,8 @@ TASKS = {"anatomy_vlm": AnatomyVLMTask, "segmentation": SegmentationTask}
 
 def resolve_mixed_precision(setting: str, on_cpu: bool) -> str:
     """`training.mixed_precision` for Accelerate. "auto" is bf16 autocast where the hardware computes bf16 natively (a
-    GPU that supports it; a CPU with AVX512-BF16 or AMX, where it trains the quickstart about 1.5x faster than fp32),
-    else "no" (fp32): emulated bf16 would be slower than fp32. Any other value is passed on as it is."""
+    GPU that supports it; a CPU with AVX512-BF16 or AMX), else "no" (fp32): emulated bf16 would be slower than
+    fp32. Any other value is passed on as it is."""
     if setting != "auto":
         return setting
     if not on_cpu:
