@@ -42,7 +42,8 @@ def test_bare_vit_flops_match_the_analytic_count():
     model = bench.BareViT(config)
     optimizer = torch.optim.AdamW(model.parameters())
     batch = {"pixel_values": torch.randn(2, 3, 64, 64), "labels": torch.tensor([1, 2])}
-    step = bench.make_step(bench.bare_loss_fn(model, batch, bench.autocast_for(torch.device("cpu"), bf16=False)), model, optimizer)
+    autocast = bench.autocast_for(torch.device("cpu"), bf16=False)
+    step = bench.make_step(bench.bare_loss_fn(model, batch, autocast), model, optimizer)
     counted = bench.count_flops(step, model.vision_model)
 
     d, m, layers = spec.hidden_size, spec.mlp_size, spec.num_layers

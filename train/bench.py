@@ -12,8 +12,8 @@ For each vision configuration, in one process, on one device and with one batch 
         inputs, stage-weighted loss sum and AdamW parameter groups of the trainer;
 each eager and under `torch.compile` (the loss function is compiled; backward, gradient clipping and the
 AdamW step run as in the trainer). Both use AdamW (fused on CUDA), gradient clipping at 1.0 and the precision
-the trainer's `mixed_precision: auto` picks: bf16 autocast on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32. The batch is on the device before timing: the input pipeline is
-`train/bench_data.py`'s job.
+the trainer's `mixed_precision: auto` picks (`--precision`): bf16 autocast on CUDA and on CPUs with AVX512-BF16 or
+AMX, else fp32. The batch is on the device before timing: the input pipeline is `train/bench_data.py`'s job.
 
 FLOPs: counted once per model by `torch.utils.flop_counter.FlopCounterMode` over one eager forward + backward
 (matmuls, convolutions and attention; element-wise work and the optimizer are not counted; gradient
@@ -473,9 +473,10 @@ def run(args, device: torch.device, specs: list[VisionSpec]) -> dict:
 
     bf16 = uses_bf16(device, args.precision)
     peak_tflops, peak_kind = matmul_peak(device, bf16)
-    print(f"device {device} ({name}); torch {torch.__version__}; {'bf16 autocast' if bf16 else 'fp32'}; measured peak "
-          f"{peak_tflops:.3f} TFLOP/s ({peak_kind}); batch {args.batch_size}, {args.texts_per_image} texts/image, {args.warmup} warm-up + "
-          f"{args.steps} timed steps{', gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
+    print(f"device {device} ({name}); torch {torch.__version__}; {'bf16 autocast' if bf16 else 'fp32'}; "
+          f"measured peak {peak_tflops:.3f} TFLOP/s ({peak_kind}); batch {args.batch_size}, "
+          f"{args.texts_per_image} texts/image, {args.warmup} warm-up + {args.steps} timed steps"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
     results = [r for spec in specs for r in benchmark_config(spec, args, device, peak_tflops)]
     print(format_table(results, "GiB peak" if gpu else "GiB RSS"))
     report = {
