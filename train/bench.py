@@ -369,9 +369,9 @@ def autocast_for(device: torch.device, bf16: bool):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def benchmark_config(spec: VisionSpec, args, device: torch.device, peak_tflops: float) -> list[Result]:
+def benchmark_config(spec: VisionSpec, args, device: torch.device, bf16: bool, peak_tflops: float) -> list[Result]:
     config = AnatomyVLMConfig(vision_config=spec.vision_config(), projection_dim=512)
-    autocast = autocast_for(device, uses_bf16(device, args.precision))
+    autocast = autocast_for(device, bf16)
     results = []
     for kind in ("bare", "full"):
         torch.manual_seed(0)
@@ -477,7 +477,7 @@ def run(args, device: torch.device, specs: list[VisionSpec]) -> dict:
           f"measured peak {peak_tflops:.3f} TFLOP/s ({peak_kind}); batch {args.batch_size}, "
           f"{args.texts_per_image} texts/image, {args.warmup} warm-up + {args.steps} timed steps"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
-    results = [r for spec in specs for r in benchmark_config(spec, args, device, peak_tflops)]
+    results = [r for spec in specs for r in benchmark_config(spec, args, device, bf16, peak_tflops)]
     print(format_table(results, "GiB peak" if gpu else "GiB RSS"))
     report = {
         "device": str(device), "device_name": name, "torch": torch.__version__,
