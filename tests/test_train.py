@@ -175,6 +175,27 @@ def test_corrupt_training_image_skipped_or_fatal(phantom_root, tmp_path, dataset
         run.train(cfg)
 
 
+def test_a_nan_loss_stops_the_run_naming_step_and_batch(phantom_root, tmp_path, dataset_cache, monkeypatch):
+    real_loss, calls = run.AnatomyVLMTask.loss, []
+
+    def loss_turning_nan(self, output, weights):  # the 4th step (stage 2, step 1) blows up
+        loss, parts = real_loss(self, output, weights)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) == 4 else (loss, parts)
+
+    monkeypatch.setattr(run.AnatomyVLMTask, "loss", loss_turning_nan)
+    output = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"stage 2 \(global\), step 1: loss is nan \(anatomy .*global .*\); "
+                                                 r"batch images: \['[0-9a-f-]+'"):
+        run.train(tiny_train_config(phantom_root, output, steps=(3, 3, 3), checkpoint_every=1))
+    assert len(calls) == 4
+    assert not (output / "model").exists()
+    last = run.latest_checkpoint(output)
+    assert last.name == "step_3"  # the NaN step left no checkpoint ...
+    weights = load_file(str(last / "model.safetensors"))
+    assert all(torch.isfinite(value).all() for value in weights.values())  # ... and no NaN in the weights
+
+
 def test_config_overrides_and_validation(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_train_config("d", "o")))

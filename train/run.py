@@ -130,6 +130,7 @@ class Collator:
         batch = {"skipped_images": skipped}  # a plain int: reading it back must not sync with the GPU
         if not kept:
             return batch
+        batch["image_ids"] = [e["image_id"] for e in kept]  # named in the error if the batch's loss is not finite
         batch["pixel_values"] = torch.stack([e["pixel_values"] for e in kept])
         batch["boxes"] = torch.stack([e["target_boxes"] for e in kept])
         batch["box_mask"] = torch.stack([e["box_mask"] for e in kept])
@@ -577,6 +578,13 @@ def train(cfg: dict, resume: str | None = None) -> Path:
                 with accelerator.accumulate(model):
                     output = model(**task.inputs(batch, weights))
                     loss, parts = task.loss(output, weights)
+                    # One scalar read per step (a host-device sync on a GPU): a NaN or inf must stop the run
+                    # before its gradients reach the weights, with the batch that produced it named.
+                    if not torch.isfinite(loss.detach()).item():
+                        raise FloatingPointError(
+                            f"stage {stage_index + 1} ({stage['name']}), step {step + 1}: loss is {loss.item()} "
+                            f"({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())}); "
+                            f"batch images: {batch.get('image_ids', 'not recorded')}")
                     accelerator.backward(loss)
                     for parameter in frozen:  # no gradient: AdamW neither steps nor decays them this stage
                         parameter.grad = None
@@ -592,7 +600,7 @@ def train(cfg: dict, resume: str | None = None) -> Path:
                 detached = {name: value.detach() for name, value in parts.items()}
                 running = detached if running is None else {k: running[k] + v for k, v in detached.items()}
                 bar.update(1)
-                if step % log_every == 0 or step == total:  # the loop's only host-device syncs
+                if step % log_every == 0 or step == total:  # with the finite-loss check, the loop's only syncs
                     n = step - tic_step
                     speed = n * images_per_step / (time.perf_counter() - tic)
                     logs = {f"train/loss_{k}": float(v) / n for k, v in running.items()}
