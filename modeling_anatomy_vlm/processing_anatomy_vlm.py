@@ -3,8 +3,8 @@
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_anatomy_vlm import resolve_text_encoder_path
 from .image_processing_anatomy_vlm import AnatomyVLMImageProcessor
+from .text_encoder_anatomy_vlm import resolve_text_encoder_path
 
 
 def format_prompts(templates, finding: str, region: str | None = None) -> list[str]:
@@ -30,7 +30,9 @@ class AnatomyVLMProcessor(ProcessorMixin):
         image_processor = AnatomyVLMImageProcessor(
             size=config.vision_config.image_size, num_channels=config.vision_config.num_channels
         )
-        tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(config.text_model_name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_text_encoder_path(config.text_model_name_or_path), trust_remote_code=config.text_trust_remote_code
+        )
         return cls(image_processor, tokenizer, max_text_length=config.max_text_length)
 
     def __call__(self, images=None, text=None, boxes=None, return_tensors: str = "pt", **kwargs):

@@ -143,8 +143,6 @@ def box_mask(shape: tuple[int, int], box, border: int) -> np.ndarray:
 def render_examples(directory: Path, count: int = NUM_EXAMPLES) -> list[str]:
     """Phantom chest X-rays as PNGs in `directory`; none when the project's phantom generator is absent."""
     try:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         from train.data.phantom import render_phantom
     except ImportError:
         logger.warning("train.data.phantom is not importable: the app starts without example images")

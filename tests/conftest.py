@@ -1,13 +1,11 @@
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel, AnatomyVLMProcessor
 
-from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel, AnatomyVLMProcessor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_VISION = dict(
     model_type="vit", image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""The GPU benchmarks run end to end on the CPU at tiny sizes (train/bench.py, train/bench_data.py)."""
+"""The GPU benchmarks run end to end on the CPU at tiny sizes (train.bench.step, train.bench.data)."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from modeling_anatomy_vlm import AnatomyVLMImageProcessor
-from train import bench, bench_data
+from train.bench import data as bench_data
+from train.bench import step as bench
 
 TINY = "tiny:64:16:64:2:4"  # 64 px, patch 16, hidden 64, 2 layers, 4 heads, mlp 256
 

@@ -1,4 +1,4 @@
-"""train/evaluate.py (thresholds from validation only, laterality, metrics.json, plots), the Hub card generator,
+"""train.eval.zero_shot (thresholds from validation only, laterality, metrics.json, plots), the Hub card generator,
 push_to_hub --dry-run without network, and the ablation runner with a tiny config."""
 
 import csv
@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import TINY_VISION, tiny_config
 from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS
-from train.evaluate import IU_XRAY_FINDINGS, THRESHOLDS_FILE, laterality_accuracy, mirrored_region_pairs, run_evaluation
+from train.eval.zero_shot import IU_XRAY_FINDINGS, THRESHOLDS_FILE, laterality_accuracy, mirrored_region_pairs, run_evaluation
 
 # The IU-Xray five (so the saved thresholds serve IU-Xray too), one more finding, and one the phantom never draws.
 FINDINGS = [*IU_XRAY_FINDINGS, "pneumothorax", "hernia"]
@@ -83,7 +83,7 @@ def test_thresholds_come_from_the_validation_split_only(evaluated, tmp_path, mon
     # another validation split: without its pneumothorax images -> another hash, refitted, other thresholds
     from train.data.imagenome import load_imagenome
 
-    validation = load_imagenome(data, "validate", findings=findings)
+    validation = load_imagenome(data, "validate", region_names=ANATOMICAL_REGIONS, findings=findings)
     positive = {i for i, labels in zip(validation["image_id"], validation["global_labels"]) if labels[0] == 1}
     other = tmp_path / "other-data"
     shutil.copytree(data, other)
@@ -210,7 +210,7 @@ def test_generated_hub_card_parses_with_a_well_formed_model_index(evaluated, tmp
     from huggingface_hub import ModelCard, metadata_load
     from huggingface_hub.repocard_data import model_index_to_eval_results
 
-    from train.model_card import write_card
+    from train.release.model_card import write_card
 
     path = write_card(evaluated["model_dir"], evaluated["out_dir"] / "metrics.json", "someone/anatomy-vlm-tiny",
                       path=tmp_path / "README.md")
@@ -241,7 +241,7 @@ def test_generated_hub_card_parses_with_a_well_formed_model_index(evaluated, tmp
 def test_push_to_hub_dry_run_lists_the_checkpoint_without_network(evaluated, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from train import push_to_hub
+    from train.release import push_to_hub
 
     def no_network(*args, **kwargs):
         raise AssertionError("network access during --dry-run")
@@ -269,7 +269,7 @@ def test_push_to_hub_dry_run_lists_the_checkpoint_without_network(evaluated, tmp
 
 
 def test_ablation_runs_four_variants_with_one_budget(phantom_root, tmp_path, dataset_cache):
-    from train import ablation
+    from train.experiments import ablation
 
     cfg = {
         "model": {"vision_config": dict(TINY_VISION), "projection_dim": 32,

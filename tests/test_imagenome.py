@@ -1,5 +1,6 @@
 """Chest ImaGenome + MIMIC-CXR-JPG loader on phantom data and on hand-broken copies of it."""
 
+import functools
 import csv
 import json
 import logging
@@ -8,9 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from modeling_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMImageProcessor, ImageLoadError
+from modeling_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMConfig, AnatomyVLMImageProcessor, ImageLoadError
 from train.data.common import make_transform, region_phrases_of
-from train.data.imagenome import load_imagenome
+from train.data.imagenome import load_imagenome as load_imagenome_with
+
+# The loaders take the regions and findings from the model config; these tests use the defaults.
+DEFAULTS = AnatomyVLMConfig()
+load_imagenome = functools.partial(load_imagenome_with, region_names=DEFAULTS.region_names, findings=DEFAULTS.findings)
 
 
 def _rows(path):

@@ -1,5 +1,6 @@
 """IU-Xray loader on hand-written Open-i XML reports, and on the real reports shipped in the torchxrayvision wheel."""
 
+import functools
 import io
 import logging
 import tarfile
@@ -10,9 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMImageProcessor
+from modeling_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMConfig, AnatomyVLMImageProcessor
 from train.data.common import make_transform, region_phrases_of
-from train.data.iu_xray import load_iu_xray, read_report
+from train.data.iu_xray import load_iu_xray as load_iu_xray_with
+from train.data.iu_xray import read_report
+
+DEFAULTS = AnatomyVLMConfig()
+load_iu_xray = functools.partial(load_iu_xray_with, region_names=DEFAULTS.region_names, findings=DEFAULTS.findings)
 
 WHEELS = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
 

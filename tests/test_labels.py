@@ -1,4 +1,4 @@
-"""Tests of train/labels.py: report parsing, perturbations, region texts and batch masks."""
+"""Tests of train.text: report parsing, perturbations, region texts and batch masks."""
 
 import dataclasses
 import subprocess
@@ -10,27 +10,20 @@ import numpy as np
 import pytest
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMConfig
-from train.eval_report_parser import evaluate
-from train.labels import (
-    FINDING_CATEGORY,
+from train.eval.report_parser import evaluate
+from train.text.parser import LOCATED, REGION_RULES, Mention, parse_report
+from train.text.perturb import flip_negation, perturb_phrase, swap_laterality, swap_severity
+from train.text.region_texts import (
     HARD_NEGATIVE_TEMPLATES,
-    LOCATED,
-    REGION_FINDINGS,
-    REGION_RULES,
     ImageRegionTexts,
-    Mention,
     RegionPrompts,
     collate_region_texts,
-    flip_negation,
     mentions_to_region_phrases,
-    parse_report,
-    perturb_phrase,
     region_texts_for_image,
     render_region_prompt,
     scene_graph_region_phrases,
-    swap_laterality,
-    swap_severity,
 )
+from train.text.vocabulary import FINDING_CATEGORY, REGIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 R = {name: i for i, name in enumerate(ANATOMICAL_REGIONS)}
@@ -114,7 +107,7 @@ def test_vocabulary_covers_default_findings_and_valid_regions():
         if rule not in (None, LOCATED):
             names = [rule.format(side=s) for s in ("right", "left")] if "{side}" in rule else [rule]
             assert set(names) <= set(ANATOMICAL_REGIONS)
-    assert set(REGION_FINDINGS) == set(ANATOMICAL_REGIONS)
+    assert set(REGIONS) == set(ANATOMICAL_REGIONS)
 
 
 @pytest.mark.parametrize(
@@ -442,7 +435,7 @@ def test_report_parser_evaluation_meets_target():
 
 def test_eval_script_runs_as_a_script():
     completed = subprocess.run(
-        [sys.executable, "train/eval_report_parser.py"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "train.eval.report_parser"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "(finding, present, region)" in completed.stdout
 

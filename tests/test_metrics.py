@@ -1,4 +1,4 @@
-"""train.metrics: the local evaluate modules against scikit-learn and hand-computed values, threshold
+"""train.eval.metrics: the local evaluate modules against scikit-learn and hand-computed values, threshold
 selection and bootstrap intervals."""
 
 import socket
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from train.metrics import METRIC_NAMES, bootstrap_ci, load_metric, select_thresholds
+from train.eval.metrics import METRIC_NAMES, bootstrap_ci, load_metric, select_thresholds
 
 
 @pytest.fixture(scope="module")

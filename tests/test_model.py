@@ -18,7 +18,7 @@ def test_regions_are_the_29_chest_imagenome_names_in_order():
     [
         ({"text_pooling": "max"}, "text_pooling"),
         ({"projection_dim": 0}, "projection_dim"),
-        ({"fine_loss_weight": -1.0}, "fine_loss_weight"),
+        ({"bbox_giou_weight": -1.0}, "bbox_giou_weight"),
         ({"region_names": ["a", "a"]}, "region_names must be unique"),
         ({"region_prompt_templates": ["{finding} somewhere"]}, "region_prompt_templates"),
         ({"vision_config": {"model_type": "bert"}}, "vision_config.model_type"),
@@ -69,6 +69,22 @@ def test_forward_output_shapes_and_losses(tiny_model_and_processor):
     expected = model.get_text_features(text["input_ids"], text["attention_mask"])
     scale = model.logit_scale_global.exp()
     assert torch.allclose(out.global_logits, scale * out.image_embeds @ expected.T + model.logit_bias_global, atol=1e-5)
+
+
+def test_loss_weights_weigh_the_computed_terms_and_leave_out_the_others(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    text = processor(text=["lung opacity", "pneumothorax"])
+    inputs = dict(pixel_values=torch.randn(1, 3, 64, 64), boxes=torch.full((1, 29, 4), 0.3),
+                  finding_labels=torch.tensor([[1.0, 0.0]]), finding_input_ids=text["input_ids"],
+                  finding_attention_mask=text["attention_mask"])
+    with torch.no_grad():
+        out = model(**inputs, loss_weights={"anatomy": 0.5, "global": 2.0, "fine": 1.0})
+        torch.testing.assert_close(out.loss, 0.5 * out.loss_anatomy + 2.0 * out.loss_global)
+        only_detection = model(**inputs, loss_weights={"anatomy": 1.0})
+        torch.testing.assert_close(only_detection.loss, only_detection.loss_anatomy)
+        assert only_detection.loss_global is not None  # computed and reported, not summed
+        with pytest.raises(ValueError, match="unknown terms \\['detection'\\]"):
+            model(**inputs, loss_weights={"detection": 1.0})
 
 
 def test_cached_text_tower_embeds_give_the_same_loss(tiny_model_and_processor):

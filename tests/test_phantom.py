@@ -11,6 +11,7 @@ from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
 from train.data import phantom as P
+from train.text.vocabulary import IMAGENOME_VOCABULARY
 
 N_RENDER = 64
 SEED = 3
@@ -200,7 +201,7 @@ def test_scene_graphs(phantoms):
                 for a in attrs:
                     m = ATTR_RE.match(a)
                     assert m, a
-                    assert m.group(3) in P.IMAGENOME_VOCABULARY[m.group(1)], a
+                    assert m.group(3) in IMAGENOME_VOCABULARY[m.group(1)], a
         by_region = {e["bbox_name"]: e for e in sg["attributes"]}
         for f in ph.findings:  # every finding is attributed (yes) to its region and its lung
             for region in f.regions:

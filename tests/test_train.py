@@ -13,8 +13,13 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_VISION, tiny_config
 from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
-from train import run
-from train.text_cache import TextEmbeddingCache
+from train import config as train_config
+from train.engine import train
+from train.engine.checkpoint import latest_checkpoint
+from train.engine.optim import param_groups, staged_schedule
+from train.engine.precision import resolve_mixed_precision
+from train.tasks.anatomy_vlm import AnatomyVLMTask
+from train.text.cache import TextEmbeddingCache
 
 
 def tiny_train_config(data_root, output_dir, steps=(2, 2, 2), **training) -> dict:
@@ -69,7 +74,7 @@ def test_cache_is_rebuilt_for_another_encoder(tiny_model_and_processor, tmp_path
 
 def test_training_never_runs_the_text_tower(phantom_root, tmp_path, dataset_cache, monkeypatch):
     output = tmp_path / "run"
-    run.train(tiny_train_config(phantom_root, output, steps=(1, 1, 1)))  # builds the text cache
+    train(tiny_train_config(phantom_root, output, steps=(1, 1, 1)))  # builds the text cache
     from transformers import BertModel
 
     def forbidden(*args, **kwargs):
@@ -77,7 +82,7 @@ def test_training_never_runs_the_text_tower(phantom_root, tmp_path, dataset_cach
 
     monkeypatch.setattr(BertModel, "forward", forbidden)
     shutil.rmtree(output / "model")
-    run.train(tiny_train_config(phantom_root, output, steps=(2, 2, 3)))  # all stages, cache reused
+    train(tiny_train_config(phantom_root, output, steps=(2, 2, 3)))  # all stages, cache reused
     assert (output / "model" / "model.safetensors").is_file()
 
 
@@ -89,13 +94,13 @@ def test_resume_mid_stage_matches_uninterrupted(phantom_root, tmp_path, dataset_
         return cfg
 
     straight = tmp_path / "straight"
-    run.train(config(straight))
+    train(config(straight))
     resumed = tmp_path / "resumed"
-    run.train(config(resumed, stop_after_steps=5))  # stage 2, step 2
+    train(config(resumed, stop_after_steps=5))  # stage 2, step 2
     state = json.loads((resumed / "checkpoints" / "step_5" / "trainer_state.json").read_text())
     assert (state["stage"], state["step_in_stage"]) == (1, 2)
     assert not (resumed / "model").exists()
-    run.train(config(resumed), resume="latest")
+    train(config(resumed), resume="latest")
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys()
     assert any("running_mean" in key for key in a) == (patch_embedding == "conv")  # BatchNorm statistics resume too
@@ -113,10 +118,10 @@ def test_a_stage_keeps_its_frozen_parameters_fixed(phantom_root, tmp_path, datas
         return cfg
 
     stage_one = tmp_path / "stage_one"  # stem frozen in stage 1 only, stopped at its end
-    run.train(config(stage_one, [0], stop_after_steps=2))
-    run.train(config(stage_one, [0]), resume="latest")
+    train(config(stage_one, [0], stop_after_steps=2))
+    train(config(stage_one, [0]), resume="latest")
     always = tmp_path / "always"  # stem frozen throughout: it ends with its initial weights
-    run.train(config(always, [0, 1, 2]))
+    train(config(always, [0, 1, 2]))
     after_stage_one = load_file(str(stage_one / "checkpoints" / "step_2" / "model.safetensors"))
     final, initial = _weights(stage_one), _weights(always)
     stem = [k for k in final if "patch_embed" in k and k.endswith(("weight", "bias"))]
@@ -128,13 +133,13 @@ def test_a_stage_keeps_its_frozen_parameters_fixed(phantom_root, tmp_path, datas
     with pytest.raises(ValueError, match="frozen prefix 'vision_model.stem' names no model parameter"):
         cfg = config(tmp_path / "typo", [], checkpoint_every=1)  # a trained step would leave a checkpoint
         cfg["stages"][2]["frozen"] = ["vision_model.stem"]  # the last stage: caught before stage 1 trains
-        run.train(cfg)
+        train(cfg)
     assert not (tmp_path / "typo" / "checkpoints").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(phantom_root, tmp_path, dataset_cache):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run.train(tiny_train_config(phantom_root, tmp_path / "none"), resume="latest")
+        train(tiny_train_config(phantom_root, tmp_path / "none"), resume="latest")
 
 
 def test_lora_trains_adapters_and_exports_a_merged_checkpoint(phantom_root, tmp_path, dataset_cache):
@@ -143,14 +148,14 @@ def test_lora_trains_adapters_and_exports_a_merged_checkpoint(phantom_root, tmp_
 
     output = tmp_path / "lora"
     cfg = tiny_train_config(phantom_root, output, lora={"enabled": True, "r": 4, "alpha": 8})
-    run.train(cfg)
+    train(cfg)
     adapter = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4
     merged = AutoModel.from_pretrained(output / "model", trust_remote_code=True).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     # base (the same random init: seed 0) + saved adapters == merged export
     torch.manual_seed(0)
-    base = run.AnatomyVLMModel.from_encoders(run.model_config(cfg))
+    base = AnatomyVLMModel.from_encoders(train_config.from_dict(cfg).model_config())
     with_adapters = PeftModel.from_pretrained(base, output / "adapter").eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -164,33 +169,34 @@ def test_corrupt_training_image_skipped_or_fatal(phantom_root, tmp_path, dataset
     data = shutil.copytree(phantom_root, tmp_path / "data")
     from train.data.imagenome import load_imagenome
 
-    path = load_imagenome(data, "train")[0]["image"]["path"]
+    config = tiny_config()
+    path = load_imagenome(data, "train", region_names=config.region_names, findings=config.findings)[0]["image"]["path"]
     open(path, "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg")
-    run.train(tiny_train_config(data, tmp_path / "skip", steps=(8, 1, 1)))  # 8 steps: every image is drawn once
+    train(tiny_train_config(data, tmp_path / "skip", steps=(8, 1, 1)))  # 8 steps: every image is drawn once
     assert "skipped 1 unreadable images during training" in caplog.text
     assert path in caplog.text
     cfg = tiny_train_config(data, tmp_path / "raise", steps=(8, 1, 1))
     cfg["data"]["on_error"] = "raise"
     with pytest.raises(ValueError, match=os.path.basename(path)):
-        run.train(cfg)
+        train(cfg)
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_batch(phantom_root, tmp_path, dataset_cache, monkeypatch):
-    real_loss, calls = run.AnatomyVLMTask.loss, []
+    real_loss, calls = AnatomyVLMTask.loss, []
 
     def loss_turning_nan(self, output, weights):  # the 4th step (stage 2, step 1) blows up
         loss, parts = real_loss(self, output, weights)
         calls.append(1)
         return (loss * float("nan"), parts) if len(calls) == 4 else (loss, parts)
 
-    monkeypatch.setattr(run.AnatomyVLMTask, "loss", loss_turning_nan)
+    monkeypatch.setattr(AnatomyVLMTask, "loss", loss_turning_nan)
     output = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"stage 2 \(global\), step 1: loss is nan \(anatomy .*global .*\); "
                                                  r"batch images: \['[0-9a-f-]+'"):
-        run.train(tiny_train_config(phantom_root, output, steps=(3, 3, 3), checkpoint_every=1))
+        train(tiny_train_config(phantom_root, output, steps=(3, 3, 3), checkpoint_every=1))
     assert len(calls) == 4
     assert not (output / "model").exists()
-    last = run.latest_checkpoint(output)
+    last = latest_checkpoint(output)
     assert last.name == "step_3"  # the NaN step left no checkpoint ...
     weights = load_file(str(last / "model.safetensors"))
     assert all(torch.isfinite(value).all() for value in weights.values())  # ... and no NaN in the weights
@@ -199,19 +205,34 @@ def test_a_nan_loss_stops_the_run_naming_step_and_batch(phantom_root, tmp_path, 
 def test_config_overrides_and_validation(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_train_config("d", "o")))
-    cfg = run.load_config(path, ["training.batch_size=16", "stages.2.steps=7", "model.projection_dim=64"])
-    assert (cfg["training"]["batch_size"], cfg["stages"][2]["steps"], cfg["model"]["projection_dim"]) == (16, 7, 64)
-    with pytest.raises(ValueError, match="unknown loss weights"):
-        run.load_config(path, ["stages.0.loss_weights={anatomy: 1, detection: 1}"])
-    with pytest.raises(ValueError, match="key=value"):
-        run.load_config(path, ["training.batch_size"])
+    cfg = train_config.load_config(path, ["training.batch_size=16", "stages.2.steps=7", "model.projection_dim=64",
+                                          "stages.0.lr=1e-4"])  # YAML reads 1e-4 as a string: still a float
+    assert (cfg.training.batch_size, cfg.stages[2].steps, cfg.model["projection_dim"]) == (16, 7, 64)
+    assert cfg.stages[0].lr == 1e-4 and cfg.training.keep_checkpoints == 2  # an unset key has its default
+    errors = {
+        "training.batchsize=8": r"training\.batchsize: unknown key \(did you mean training\.batch_size\?\)",
+        "stages.0.loss_weights={anatomy: 1, detection: 1}": r"stages\.0 \('detection'\)\.loss_weights\.detection: unknown",
+        "model.projection_dims=64": r"model\.projection_dims: unknown key \(did you mean model\.projection_dim\?\)",
+        "data.on_eror=raise": r"data\.on_eror: unknown key \(did you mean data\.on_error\?\)",
+        "training.batch_size=eight": r"training\.batch_size: expected an integer, got 'eight'",
+        "stages.5.steps=1": r"stages has 3 items",
+        "training.batch_size": "key=value",
+    }
+    for override, message in errors.items():
+        with pytest.raises(train_config.ConfigError, match=message):
+            train_config.load_config(path, [override])
+    # The CLI: one line naming the key, exit status 2, nothing trained.
+    result = subprocess.run([sys.executable, "-m", "train.run", "--config", str(path), "--set", "training.batchsize=8"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "training.batch_size" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_staged_schedule_warms_up_and_decays_per_stage():
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=1.0)
     stages = [{"steps": 4, "lr": 1e-3, "warmup_steps": 2}, {"steps": 4, "lr": 1e-4}]
-    scheduler = run.staged_schedule(optimizer, stages, min_ratio=0.0)
+    scheduler = staged_schedule(optimizer, stages, min_ratio=0.0)
     lrs = []
     for _ in range(8):
         lrs.append(scheduler.get_last_lr()[0])
@@ -225,15 +246,15 @@ def test_staged_schedule_warms_up_and_decays_per_stage():
 def test_auto_mixed_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert run.resolve_mixed_precision("auto", on_cpu=True) == "bf16"
+    assert resolve_mixed_precision("auto", on_cpu=True) == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert run.resolve_mixed_precision("auto", on_cpu=True) == "no"  # emulated bf16 would be slower than fp32
+    assert resolve_mixed_precision("auto", on_cpu=True) == "no"  # emulated bf16 would be slower than fp32
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert run.resolve_mixed_precision("auto", on_cpu=True) == "bf16"
+    assert resolve_mixed_precision("auto", on_cpu=True) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert run.resolve_mixed_precision("auto", on_cpu=False) == "no"  # e.g. a V100: the CPU's bf16 does not count
-    assert run.resolve_mixed_precision("fp16", on_cpu=True) == "fp16"
-    assert run.resolve_mixed_precision("no", on_cpu=True) == "no"
+    assert resolve_mixed_precision("auto", on_cpu=False) == "no"  # e.g. a V100: the CPU's bf16 does not count
+    assert resolve_mixed_precision("fp16", on_cpu=True) == "fp16"
+    assert resolve_mixed_precision("no", on_cpu=True) == "no"
 
 
 def test_bf16_training_on_cpu_keeps_fp32_weights_close_to_an_fp32_run(phantom_root, tmp_path, dataset_cache):
@@ -242,7 +263,7 @@ def test_bf16_training_on_cpu_keeps_fp32_weights_close_to_an_fp32_run(phantom_ro
     weights = {}
     for precision in ("no", "bf16"):
         AcceleratorState._reset_state(reset_partial_state=True)  # one process, two precisions: a fresh state each
-        run.train(tiny_train_config(phantom_root, tmp_path / precision, steps=(2, 2, 2), mixed_precision=precision))
+        train(tiny_train_config(phantom_root, tmp_path / precision, steps=(2, 2, 2), mixed_precision=precision))
         weights[precision] = _weights(tmp_path / precision)
     AcceleratorState._reset_state(reset_partial_state=True)
     fp32, bf16 = weights["no"], weights["bf16"]
@@ -255,11 +276,11 @@ def test_bf16_training_on_cpu_keeps_fp32_weights_close_to_an_fp32_run(phantom_ro
 
 def test_no_weight_decay_on_norms_biases_queries_and_positions(tiny_model_and_processor):
     model, _ = tiny_model_and_processor
-    scaled = run.param_groups(model, 0.05, encoder_lr_scale=0.1)
+    scaled = param_groups(model, 0.05, encoder_lr_scale=0.1)
     assert {g.get("lr", 1.0) for g in scaled} == {0.1, 1.0}
     assert all(("vision_model." in n) == (g.get("lr") == 0.1) for g in scaled for p in g["params"]
                for n, q in model.named_parameters() if q is p)
-    decay, no_decay = run.param_groups(model, 0.05)
+    decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "vision_model.anatomy_queries.embeddings" in no_decay_names
@@ -292,7 +313,7 @@ def test_two_cpu_processes_keep_identical_replicas(phantom_root, tmp_path, datas
 
 @pytest.mark.parametrize("mode", ["frozen", "full"])
 def test_segmentation_task_on_the_same_loop(phantom_root, tmp_path, dataset_cache, tiny_model_and_processor, mode):
-    from train.evaluate_segmentation import evaluate_segmentation
+    from train.eval.segmentation import evaluate_segmentation
 
     model, processor = tiny_model_and_processor
     init = tmp_path / "init"
@@ -305,7 +326,7 @@ def test_segmentation_task_on_the_same_loop(phantom_root, tmp_path, dataset_cach
         "training": {"output_dir": str(tmp_path / "seg"), "batch_size": 4, "log_with": None, "eval_every": 3},
         "stages": [{"name": "segmentation", "steps": 3, "lr": 1e-3}],
     }
-    run.train(cfg)
+    train(cfg)
     trained = load_file(str(tmp_path / "seg" / "model" / "model.safetensors"))
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("vision_model.")}
     changed = [k for k in encoder if not torch.equal(trained[k], encoder[k])]
@@ -314,3 +335,30 @@ def test_segmentation_task_on_the_same_loop(phantom_root, tmp_path, dataset_cach
     assert set(metrics["dice"]) == {"right lung", "left lung", "heart"}
     assert all(0 <= v <= 1 for v in metrics["dice"].values())
     assert (tmp_path / "eval" / "segmentation_samples.png").stat().st_size > 1000
+
+
+def test_a_30th_region_through_the_vocabulary_and_config_alone(phantom_root, tmp_path, dataset_cache, monkeypatch):
+    from train.data.registry import load_finding_split
+    from train.text import vocabulary
+    from train.config import DataConfig
+
+    region = vocabulary.Region("right cardiophrenic angle", side="right", zone="cardiophrenic angle", mirror=None,
+                               findings=("pleural effusion",))
+    monkeypatch.setitem(vocabulary.REGIONS, region.name, region)  # the vocabulary entry ...
+    names = [*tiny_config().region_names, region.name]
+    cfg = tiny_train_config(phantom_root, tmp_path / "r30", steps=(1, 1, 1))
+    cfg["model"]["region_names"] = names  # ... and the config: nothing else
+    train(cfg)
+
+    model = AnatomyVLMModel.from_pretrained(tmp_path / "r30" / "model")
+    assert model.config.region_names == names and model.config.num_anatomy_queries == len(names)
+    with torch.no_grad():
+        boxes = model(pixel_values=torch.zeros(1, 3, 64, 64)).pred_boxes
+    assert boxes.shape == (1, len(names), 4)
+    rows = load_finding_split(DataConfig(dataset="phantom", root=str(phantom_root)), "train", names,
+                              tiny_config().findings)
+    boxes = torch.tensor(rows["boxes"][:8])  # the phantom draws no box for a region it does not know: NaN, masked
+    assert boxes.shape[1] == len(names) and torch.isnan(boxes[:, -1]).all() and not torch.isnan(boxes[:, 0]).any()
+    with pytest.raises(KeyError, match="not in train.text.vocabulary.REGIONS"):
+        cfg["model"]["region_names"] = [*names, "left big toe"]
+        train(cfg)

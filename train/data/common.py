@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from train.text.vocabulary import parse_attribute
+
 logger = logging.getLogger("anatomy_vlm.data")
 
 ON_ERROR = ("skip", "raise")
@@ -119,7 +121,7 @@ def label_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Region labels ``[R, F]`` and global labels ``[F]`` (1 / 0 / -1 as in the module docstring).
 
-    `region_phrases` is `train.labels.RegionPhrases`; `extra_triples` adds (category, present, label) facts
+    `region_phrases` is `train.text.region_texts.RegionPhrases`; `extra_triples` adds (category, present, label) facts
     that count for the image but belong to no modelled region (e.g. Chest ImaGenome's 7 ignored boxes).
     """
     column = {f: j for j, f in enumerate(findings)}
@@ -153,13 +155,10 @@ def phrase_rows(region_phrases) -> list[dict]:
 
 
 def region_phrases_of(row_value: list[dict]):
-    """The ``region_phrases`` column value -> `RegionPhrases` (what `train.labels.region_texts_for_image` takes)."""
+    """The ``region_phrases`` column value -> `RegionPhrases` (what `train.text.region_texts.region_texts_for_image` takes)."""
     result: dict[str, list] = {}
     for item in row_value:
-        triples = []
-        for attribute in item["attributes"]:
-            category, answer, label = attribute.split("|", 2)
-            triples.append((category, answer == "yes", label))
+        triples = [parse_attribute(attribute) for attribute in item["attributes"]]
         result.setdefault(item["region"], []).append((item["phrase"], triples))
     return result
 

@@ -2,8 +2,9 @@
 
 The phantom set is written in these layouts and read here too, so one code path serves both::
 
-    load_imagenome("data/phantom-quickstart", split="train")            # root holding both folders below
-    load_imagenome(split="test",
+    load_imagenome("data/phantom-quickstart", split="train",            # root holding both folders below
+                   region_names=config.region_names, findings=config.findings)
+    load_imagenome(split="test", region_names=..., findings=...,
                    imagenome_dir="chest-imagenome/1.0.0",            # holds silver_dataset/
                    mimic_cxr_jpg_dir="mimic-cxr-jpg/2.0.0",          # holds files/ and the metadata CSV
                    reports_dir="mimic-cxr/2.0.0")                   # optional: holds files/pXX/pN/sM.txt
@@ -28,11 +29,12 @@ from typing import Sequence
 
 import numpy as np
 
-from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
+from modeling_anatomy_vlm import AnatomyVLMConfig
 from train.data.common import (
     DataProblems, cached_dataset, clean_boxes, features, file_signature, label_arrays, phrase_rows,
 )
-from train.labels import scene_graph_region_phrases
+from train.text.region_texts import scene_graph_region_phrases
+from train.text.vocabulary import parse_attribute
 
 SPLIT_FILES = {"train": "train", "validate": "valid", "valid": "valid", "val": "valid", "test": "test"}
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
@@ -84,9 +86,7 @@ def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
         for item in graph.get("attributes", []):
             if item.get("bbox_name") not in names:
                 for attributes in item.get("attributes", []):
-                    for attribute in attributes:
-                        category, answer, label = attribute.split("|", 2)
-                        extra.append((category, answer == "yes", label))
+                    extra.extend(parse_attribute(attribute) for attribute in attributes)
     except FileNotFoundError:
         return None, [("scene graph missing", str(scene_graph_path), "scene graph file not found")], counts
     except (ValueError, TypeError, AttributeError, KeyError) as error:
@@ -153,8 +153,8 @@ def load_imagenome(
     imagenome_dir=None,
     mimic_cxr_jpg_dir=None,
     reports_dir=None,
-    region_names: Sequence[str] = ANATOMICAL_REGIONS,
-    findings: Sequence[str] = DEFAULT_FINDINGS,
+    region_names: Sequence[str],
+    findings: Sequence[str],
     skip_images_to_avoid: bool = True,
     on_error: str = "skip",
     max_images: int | None = None,
@@ -271,7 +271,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    dataset = load_imagenome(args.root, args.split, imagenome_dir=args.imagenome_dir,
+    defaults = AnatomyVLMConfig()  # the default regions and findings
+    dataset = load_imagenome(args.root, args.split, region_names=defaults.region_names, findings=defaults.findings,
+                             imagenome_dir=args.imagenome_dir,
                              mimic_cxr_jpg_dir=args.mimic_cxr_jpg_dir, reports_dir=args.reports_dir,
                              num_proc=args.num_proc, overwrite_cache=args.overwrite_cache)
     seconds = time.perf_counter() - start

@@ -1,12 +1,13 @@
 """IU-Xray (Open-i "NLMCXR") reports + PNG images -> `datasets.Dataset` (schema: `train.data.common`)::
 
-    load_iu_xray("iu-xray/ecgen-radiology", "iu-xray/NLMCXR_png")
+    load_iu_xray("iu-xray/ecgen-radiology", "iu-xray/NLMCXR_png", region_names=..., findings=...)
+    load_iu_xray_root("iu-xray", region_names=config.region_names, findings=config.findings)
 
 Each ``ecgen-radiology/{n}.xml`` is one report: ``AbstractText`` elements labelled COMPARISON / INDICATION /
 FINDINGS / IMPRESSION, MeSH tags (``MeSH/major``, ``MeSH/minor``) and one ``parentImage id="CXR1_1_IM-0001-3001"``
 per image, read from ``NLMCXR_png/CXR1_1_IM-0001-3001.png``. A row is an image, so a report with a frontal and a
 lateral image gives two rows with the same report and labels. ``report`` holds the FINDINGS and IMPRESSION sections
-as ``"FINDINGS: ...\\nIMPRESSION: ..."`` (``XXXX`` anonymisation tokens kept; `train.labels.parse_report` reads
+as ``"FINDINGS: ...\\nIMPRESSION: ..."`` (``XXXX`` anonymisation tokens kept; `train.text.parser.parse_report` reads
 past them); its labels come from `parse_report`, and findings it places in no modelled region still count for the
 image-level labels. IU-Xray is an external test set: no official split (``split = "all"``), no patient ids
 (``subject_id = ""``), no boxes (all NaN, so ``box_mask`` is all False).
@@ -27,10 +28,11 @@ from typing import Sequence
 
 import numpy as np
 
-import train.labels
-from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
+import train.text.parser
+from modeling_anatomy_vlm import AnatomyVLMConfig
 from train.data.common import DataProblems, cached_dataset, features, file_signature, label_arrays, phrase_rows
-from train.labels import mentions_to_region_phrases, parse_report
+from train.text.parser import parse_report
+from train.text.region_texts import mentions_to_region_phrases
 
 REPORT_SECTIONS = ("FINDINGS", "IMPRESSION")  # what the labels and the ``report`` column are made of
 SPLIT = "all"
@@ -105,8 +107,8 @@ def load_iu_xray(
     reports_dir,
     images_dir,
     *,
-    region_names: Sequence[str] = ANATOMICAL_REGIONS,
-    findings: Sequence[str] = DEFAULT_FINDINGS,
+    region_names: Sequence[str],
+    findings: Sequence[str],
     on_error: str = "skip",
     max_images: int | None = None,
     cache_dir=None,
@@ -136,7 +138,7 @@ def load_iu_xray(
         "sources": [file_signature(reports_dir), file_signature(images_dir)],
         # a report edited in place leaves its folder's mtime alone; the labels also depend on the parser's code
         "xml": [f"{p.name}:{file_signature(p)}" for p in xml_files],
-        "parser": file_signature(train.labels.__file__),
+        "parser": file_signature(train.text.parser.__file__),
     }
 
     def build():
@@ -195,6 +197,14 @@ def load_iu_xray(
                           cache_dir=cache_dir, overwrite=overwrite_cache)
 
 
+def load_iu_xray_root(root, split: str = SPLIT, **kwargs):
+    """IU-Xray from one folder holding ``ecgen-radiology/`` and ``NLMCXR_png/`` (the layout of the downloads)."""
+    if split != SPLIT:
+        raise ValueError(f"IU-Xray has one split, {SPLIT!r}; got {split!r}")
+    root = Path(root)
+    return load_iu_xray(root / "ecgen-radiology", root / "NLMCXR_png", **kwargs)
+
+
 def main(argv=None) -> None:
     """Index IU-Xray (and fill the Arrow cache); prints the counts and the time taken."""
     import argparse
@@ -210,8 +220,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    dataset = load_iu_xray(args.reports, args.images, max_images=args.max_images,
-                           overwrite_cache=args.overwrite_cache)
+    defaults = AnatomyVLMConfig()  # the default regions and findings
+    dataset = load_iu_xray(args.reports, args.images, region_names=defaults.region_names, findings=defaults.findings,
+                           max_images=args.max_images, overwrite_cache=args.overwrite_cache)
     seconds = time.perf_counter() - start
     reports = len(set(dataset["study_id"]))
     print(f"{len(dataset)} images from {reports} reports in {seconds:.1f} s "

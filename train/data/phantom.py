@@ -53,7 +53,7 @@ from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
 from train.data.rle import chexmask_rle_decode as rle_decode, chexmask_rle_encode as rle_encode  # noqa: F401
-from train.labels import FINDING_CATEGORY  # one category table for parser and generator
+from train.text.vocabulary import FINDING_CATEGORY
 
 GENERATOR_VERSION = "phantom-1.0"
 RENDER_FACTOR = 3  # smooth anatomy is rendered at 1/RENDER_FACTOR resolution, then upsampled
@@ -89,36 +89,6 @@ FINDING_WEIGHTS = {
 }
 assert all(label in DEFAULT_FINDINGS for label in FINDING_WEIGHTS)
 assert "costophrenic angle blunting" in DEFAULT_FINDINGS
-
-# Chest ImaGenome label vocabulary (category -> labels), used to validate attribute strings.
-IMAGENOME_VOCABULARY = {
-    "anatomicalfinding": (
-        "lung opacity", "airspace opacity", "consolidation", "infiltration", "atelectasis",
-        "linear/patchy atelectasis", "lobar/segmental collapse", "pulmonary edema/hazy opacity",
-        "vascular congestion", "vascular redistribution", "increased reticular markings/ild pattern",
-        "pleural effusion", "costophrenic angle blunting", "pleural/parenchymal scarring", "bronchiectasis",
-        "enlarged cardiac silhouette", "mediastinal displacement", "mediastinal widening", "enlarged hilum",
-        "tortuous aorta", "vascular calcification", "pneumomediastinum", "pneumothorax", "hydropneumothorax",
-        "lung lesion", "mass/nodule (not otherwise specified)", "multiple masses/nodules", "calcified nodule",
-        "superior mediastinal mass/enlargement", "rib fracture", "clavicle fracture", "spinal fracture",
-        "hyperaeration", "cyst/bullae", "elevated hemidiaphragm", "diaphragmatic eventration (benign)",
-        "sub-diaphragmatic air", "subcutaneous air", "hernia", "scoliosis", "spinal degenerative changes",
-        "shoulder osteoarthritis", "bone lesion",
-    ),
-    "nlp": ("abnormal", "normal"),
-    "disease": (
-        "pneumonia", "fluid overload/heart failure", "copd/emphysema", "granulomatous disease",
-        "interstitial lung disease", "goiter", "lung cancer", "aspiration", "alveolar hemorrhage",
-        "pericardial effusion",
-    ),
-    "technicalassessment": ("low lung volumes", "rotated", "artifact", "breast/nipple shadows", "skin fold"),
-    "tubesandlines": (
-        "chest tube", "mediastinal drain", "pigtail catheter", "endotracheal tube", "tracheostomy tube", "picc",
-        "ij line", "chest port", "subclavian line", "swan-ganz catheter", "intra-aortic balloon pump",
-        "enteric tube",
-    ),
-    "device": ("sternotomy wires", "cabg grafts", "aortic graft/repair", "prosthetic valve", "cardiac pacer and wires"),
-}
 
 SIZE_WORD = {"mild": "small", "moderate": "moderate", "severe": "large"}
 ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}

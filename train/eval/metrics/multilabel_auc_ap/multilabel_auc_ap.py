@@ -17,7 +17,7 @@ Args:
     predictions: [N, C] scores (any monotone scale; F1 thresholds must be on the same scale).
     references: [N, C] labels, 1 = positive, 0 = negative, -1 = unknown (left out of that class).
     thresholds: float or [C] floats for F1, positive when score >= threshold (default 0.5). Must not be NaN
-        (fill the NaN thresholds of `train.metrics.select_thresholds` with 0.5 first).
+        (fill the NaN thresholds of `train.eval.metrics.select_thresholds` with 0.5 first).
     class_names: optional list of C names that key the per-class results (default 0 .. C-1).
 Returns:
     roc_auc, average_precision, f1: macro means over defined classes; NaN if no class is defined.

@@ -1,8 +1,8 @@
 """Training-step throughput: the full Anatomy-VLM stage-3 step against the bare ViT it is built on.
 
-    python train/bench.py                                    # GPU: ViT-S/16 + ViT-B/16 at 224 + 448 px, batch 256
-    python train/bench.py --configs vit-b16-224 --sync-debug --json bench.json
-    python train/bench.py --device cpu --configs tiny:64:16:64:2:4 --no-compile
+    python -m train.bench.step                                    # GPU: ViT-S/16 + ViT-B/16 at 224 + 448 px, batch 256
+    python -m train.bench.step --configs vit-b16-224 --sync-debug --json bench.json
+    python -m train.bench.step --device cpu --configs tiny:64:16:64:2:4 --no-compile
 
 For each vision configuration, in one process, on one device and with one batch size, this times
   bare  `AnatomyVisionTransformer` ([CLS] + patches + 29 anatomy queries, the same blocks) with a linear
@@ -13,7 +13,7 @@ For each vision configuration, in one process, on one device and with one batch 
 each eager and under `torch.compile` (the loss function is compiled; backward, gradient clipping and the
 AdamW step run as in the trainer). Both use AdamW (fused on CUDA), gradient clipping at 1.0 and the precision
 the trainer's `mixed_precision: auto` picks (`--precision`): bf16 autocast on CUDA and on CPUs with AVX512-BF16 or
-AMX, else fp32. The batch is on the device before timing: the input pipeline is `train/bench_data.py`'s job.
+AMX, else fp32. The batch is on the device before timing: the input pipeline is `train.bench.data`'s job.
 
 FLOPs: counted once per model by `torch.utils.flop_counter.FlopCounterMode` over one eager forward + backward
 (matmuls, convolutions and attention; element-wise work and the optimizer are not counted; gradient
@@ -28,7 +28,6 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,16 +38,12 @@ from torch import nn
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.utils import flop_counter
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as `python train/bench.py`, Python puts train/ first on sys.path, where our evaluate.py would shadow
-# the `evaluate` library: import from the repo root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel  # noqa: E402
-from modeling_anatomy_vlm.modeling_anatomy_vlm import AnatomyVisionTransformer  # noqa: E402
-from train.run import LOSSES, param_groups, resolve_mixed_precision  # noqa: E402
+from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel
+from modeling_anatomy_vlm.modeling_anatomy_vlm import AnatomyVisionTransformer
+from train.config import LOSSES
+from train.engine.optim import param_groups
+from train.engine.precision import resolve_mixed_precision
 
 STAGE3_WEIGHTS = {name: 1.0 for name in LOSSES}  # every loss on: the most expensive stage
 WEIGHT_DECAY, MAX_GRAD_NORM, LEARNING_RATE = 0.05, 1.0, 1e-4

@@ -1,11 +1,11 @@
 """`make quickstart`: phantom data -> three-stage training on this machine -> evaluation -> a loadable checkpoint.
 
-    python -m train.quickstart [--config configuration/train/quickstart.yaml] [--set key=value ...] [--fresh]
+    python -m train.experiments.quickstart [--config configuration/train/quickstart.yaml] [--set key=value ...] [--fresh]
 
 1. generates the phantom set named in the config (kept for later runs),
-2. trains the small default model through all three stages (`train/run.py`; an interrupted run resumes from its
+2. trains the small default model through all three stages (`train.engine`; an interrupted run resumes from its
    last checkpoint, a finished one with the same config is reused),
-3. evaluates it on the held-out phantom test split (`train/evaluate.py`) and writes
+3. evaluates it on the held-out phantom test split (`train.eval.zero_shot`) and writes
    `outputs/quickstart/eval.json`, then prints a summary table and one interpreted image.
 """
 
@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train import run  # noqa: E402
-from train.evaluate import evaluate_checkpoint, load_checkpoint  # noqa: E402
+from train.config import DEFAULT_CONFIG, load_config, resolve_path
+from train.engine import train
+from train.engine.checkpoint import latest_checkpoint
+from train.eval.zero_shot import evaluate_checkpoint, load_checkpoint
 
 # The acceptance targets of the quickstart (issue: training); printed next to the measured values.
 TARGETS = {"detection_miou": 0.70, "global_auc_macro": 0.85, "region_auc_macro": 0.80}
@@ -33,13 +31,14 @@ TARGETS = {"detection_miou": 0.70, "global_auc_macro": 0.85, "region_auc_macro":
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configuration" / "train" / "quickstart.yaml"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fresh", action="store_true", help="discard earlier outputs and train from scratch")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    cfg = run.load_config(args.config, args.overrides)
-    output_dir = run.resolve(cfg["training"]["output_dir"])
+    config = load_config(args.config, args.overrides)
+    cfg = config.to_dict()
+    output_dir = resolve_path(config.training.output_dir)
     model_dir = output_dir / "model"
     if args.fresh:
         shutil.rmtree(output_dir, ignore_errors=True)
@@ -49,15 +48,14 @@ def main(argv=None) -> dict:
     if same_config and (model_dir / "model.safetensors").is_file():
         print(f"quickstart: {model_dir} was trained with this config; evaluating it (--fresh retrains)")
     else:
-        resume = "latest" if same_config and run.latest_checkpoint(output_dir) else None
+        resume = "latest" if same_config and latest_checkpoint(output_dir) else None
         if not same_config and output_dir.exists():
             shutil.rmtree(output_dir)  # outputs of another config must not be mixed with this run's
-        run.train(cfg, resume=resume)
+        train(config, resume=resume)
     trained = time.perf_counter()
 
-    data_root = run.resolve(cfg["data"]["root"])
-    metrics = evaluate_checkpoint(model_dir, data_root, "test", unmentioned_as_negative=cfg["data"].get(
-        "unmentioned_as_negative", True))
+    metrics = evaluate_checkpoint(model_dir, config.data, "test",
+                                  unmentioned_as_negative=config.data.unmentioned_as_negative)
     metrics["train_seconds"] = round(trained - start, 1)
     metrics["total_seconds"] = round(time.perf_counter() - start, 1)
     (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
@@ -74,9 +72,9 @@ def main(argv=None) -> dict:
     print(f"model + processor: {model_dir}   metrics: {output_dir / 'eval.json'}")
 
     model, processor = load_checkpoint(model_dir)
-    from train.data.imagenome import load_imagenome
+    from train.data.registry import load_finding_split
 
-    example = load_imagenome(data_root, "test")[0]
+    example = load_finding_split(config.data, "test", model.config.region_names, model.config.findings)[0]
     findings = ["pleural effusion", "pneumothorax", "enlarged cardiac silhouette"]
     result = model.interpret(example["image"]["path"], processor, findings=findings)[0]
     print(f"\ninterpret({Path(example['image']['path']).name}), 6 of 29 regions:")

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: 1024 px chest X-ray JPEGs to normalised model batches on the device.
 
-    python train/bench_data.py --workers 8,16 --against bench.json     # GPU machine, batch 256, 224 px
-    python train/bench_data.py --device cpu --workers 0,1 --n 32 --batch-size 8 --batches 4
+    python -m train.bench.data --workers 8,16 --against bench.json     # GPU machine, batch 256, 224 px
+    python -m train.bench.data --device cpu --workers 0,1 --n 32 --batch-size 8 --batches 4
 
 Writes `--n` phantom radiographs (`render_phantom`, long side `--source-size`) as JPEGs once into `--cache-dir`
 (kept for later runs), then times batches of `pixel_values` `[B, 3, S, S]` ready on the device:
@@ -12,7 +12,7 @@ Writes `--n` phantom radiographs (`render_phantom`, long side `--source-size`) a
               resize + pad + normalise run on the GPU with the processor's geometry (`resize_pad_normalise`).
 The timed batches cycle over the `--n` files, which are in the page cache after the first pass: this measures
 decoding and resizing, not the disk. `--against` prints each variant's rate over the full train step's
-images/s from a `train/bench.py --json` file (the issue asks for >= 1.5x the compiled step).
+images/s from a `train.bench.step --json` file (the issue asks for >= 1.5x the compiled step).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -31,16 +30,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]  # our evaluate.py shadows a library
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from modeling_anatomy_vlm import AnatomyVLMImageProcessor  # noqa: E402
-from train.bench import pick_device  # noqa: E402
-from train.data.phantom import render_phantom  # noqa: E402
+from modeling_anatomy_vlm import AnatomyVLMImageProcessor
+from train.bench.step import pick_device
+from train.data.phantom import render_phantom
+from train.config import REPO_ROOT
 
-DEFAULT_CACHE = ROOT / ".cache" / "bench_data"
+DEFAULT_CACHE = REPO_ROOT / ".cache" / "bench_data"
 DECODERS = {"loader-pil": "pil", "loader-tv": "torchvision", "nvjpeg": None}  # variant -> decoder in the workers
 JPEG_QUALITY = 92  # as the phantom data set
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still are what this benchmark measures.
@@ -145,7 +141,7 @@ def run_variant(name: str, workers: int, warmup: int, batches: int, batch_size: 
 
 
 def step_rates(path: Path, image_size: int) -> list[tuple[str, float]]:
-    """(label, images/s) of the full train steps at `image_size` in a `train/bench.py --json` report."""
+    """(label, images/s) of the full train steps at `image_size` in a `train.bench.step --json` report."""
     report = json.loads(path.read_text())
     rows = [r for r in report["results"] if r["model"] == "full" and r["image_size"] == image_size]
     return [(f"{r['config']} {'compiled' if r['compiled'] else 'eager'}", r["images_per_s"]) for r in rows]
@@ -165,7 +161,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
-    parser.add_argument("--against", type=Path, default=None, help="a train/bench.py --json report")
+    parser.add_argument("--against", type=Path, default=None, help="a train.bench.step --json report")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """CPU latency of `interpret` on one chest X-ray with the default small model, and of the Space's request path.
 
-    python -m train.bench_interpret [--model DIR] [--runs 10] [--threads N]
+    python -m train.bench.interpret [--model DIR] [--runs 10] [--threads N]
 
 Uses `outputs/quickstart/model` when it exists; otherwise saves the model of `configuration/train/quickstart.yaml`
 with a random vision tower to a temporary folder: latency does not depend on training.
@@ -8,29 +8,33 @@ Prints medians over `--runs` calls after a warm-up; asserts nothing.
 """
 
 import argparse
+import importlib.util
 import itertools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "space"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
-import torch  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-from PIL import Image  # noqa: E402
+import gradio as gr
+import torch
+from gradio_client import Client, handle_file
+from PIL import Image
 
-import app  # noqa: E402  (space/app.py)
-from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor  # noqa: E402
-from train.run import load_config, model_config  # noqa: E402
+from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
+from train.config import REPO_ROOT, load_config
 
-QUICKSTART_CONFIG = ROOT / "configuration" / "train" / "quickstart.yaml"
+QUICKSTART_CONFIG = REPO_ROOT / "configuration" / "train" / "quickstart.yaml"
+
+
+def load_space_app():
+    """space/app.py as a module (the Space is a folder of files, not a package)."""
+    spec = importlib.util.spec_from_file_location("app", REPO_ROOT / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def median_ms(fn, runs: int) -> float:
@@ -43,7 +47,7 @@ def median_ms(fn, runs: int) -> float:
 
 
 def small_checkpoint(directory: Path) -> str:
-    config = model_config(load_config(QUICKSTART_CONFIG))
+    config = load_config(QUICKSTART_CONFIG).model_config()
     AnatomyVLMModel.from_encoders(config).save_pretrained(directory)
     AnatomyVLMProcessor.from_model_config(config).save_pretrained(directory)
     return str(directory)
@@ -59,6 +63,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="bench-interpret-") as tmp:
+        app = load_space_app()
         model_path = args.model or (str(app.DEFAULT_MODEL) if app.DEFAULT_MODEL.exists() else None)
         if model_path is None:
             print(f"outputs/quickstart/model not built: saving the {QUICKSTART_CONFIG.name} model with random weights")

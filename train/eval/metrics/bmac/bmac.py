@@ -17,7 +17,7 @@ Args:
     predictions: [N, C] 0/1 decisions, or scores when `thresholds` is given.
     references: [N, C] labels, 1 = positive, 0 = negative, -1 = unknown (left out of that class).
     thresholds: optional float or [C] floats; a score is positive when score >= threshold. Must not be NaN
-        (fill the NaN thresholds of `train.metrics.select_thresholds` with 0.5 first).
+        (fill the NaN thresholds of `train.eval.metrics.select_thresholds` with 0.5 first).
     class_names: optional list of C names that key the per-class results (default 0 .. C-1).
 Returns:
     bmac: macro mean over defined classes; NaN if no class is defined.

@@ -1,6 +1,6 @@
 """Objective ablation with one training budget: global only, detection only, global + detection, all three.
 
-    python train/ablation.py [--config configuration/train/quickstart.yaml] [--set key=value ...]
+    python -m train.experiments.ablation [--config configuration/train/quickstart.yaml] [--set key=value ...]
                              [--steps-fraction 0.667] [--out outputs/ablation] [--variants global detection ...]
                              [--bootstrap 200]
 
@@ -19,7 +19,7 @@ of the config; with the quickstart config (detection 100 / detection + global 36
 
 A head whose loss is off gets no training signal of its own (the box head in "global only", the region
 projection without the fine-grained loss), so its metrics stay near chance; they are reported as measured.
-Each variant is evaluated on the held-out test split of the config's data root with `train/evaluate.py`
+Each variant is evaluated on the held-out test split of the config's data root with `train.eval.zero_shot`
 (thresholds from the validation split, saved with each model). Cost: four trainings of the config.
 
 Outputs in ``--out``: ``<variant>/`` (the training output_dir: model/ with its thresholds.json, logs, text cache;
@@ -34,22 +34,17 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as `python train/<script>.py`, Python puts train/ first on sys.path, where our evaluate.py would shadow
-# the `evaluate` library: import from the repo root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train import run  # noqa: E402
-from train.evaluate import run_evaluation  # noqa: E402
+from train.config import DEFAULT_CONFIG, REPO_ROOT, from_dict, load_config
+from train.engine import train
+from train.engine.checkpoint import latest_checkpoint
+from train.eval.zero_shot import run_evaluation
 
-# variant name -> (table label, enabled losses in `run.LOSSES` names)
+# variant name -> (table label, enabled losses in `train.config.LOSSES` names)
 VARIANTS = {
     "global": ("global only", ("global",)),
     "detection": ("detection only", ("anatomy",)),
@@ -95,14 +90,14 @@ def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
     if same_config and (model_dir / "model.safetensors").is_file():
         print(f"ablation: {model_dir} was trained with this config; reusing it")
         return model_dir
-    resume = "latest" if same_config and run.latest_checkpoint(output_dir) else None
+    resume = "latest" if same_config and latest_checkpoint(output_dir) else None
     if not same_config and output_dir.exists():
         shutil.rmtree(output_dir)  # outputs of another config must not be mixed with this run's
     target = output_dir / "text_cache.safetensors"
     if text_cache is not None and text_cache.is_file() and not target.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(text_cache, target)
-    run.train(copy.deepcopy(cfg), resume=resume)
+    train(from_dict(copy.deepcopy(cfg)), resume=resume)
     return model_dir
 
 
@@ -144,7 +139,7 @@ def markdown_table(rows: list[dict], num_images: int, data_root) -> str:
         "# Objective ablation (same budget)",
         "",
         f"Held-out test split of `{data_root}` ({num_images} images); every variant trains the same "
-        f"{rows[0]['total_steps']} steps on the same data and learning-rate schedule (`train/ablation.py`). "
+        f"{rows[0]['total_steps']} steps on the same data and learning-rate schedule (`python -m train.experiments.ablation`). "
         "Global AUC: zero-shot macro AUC over findings; mAP: detection AP@[.5:.95] over regions (one box per "
         "region, equal scores); anatomy-wise AUC: macro over (region, finding) classes; laterality: the true "
         "side's region scores higher than its mirror. 95 % bootstrap intervals in brackets. A head whose loss is off "
@@ -172,9 +167,9 @@ def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int 
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     out_dir = Path(out_dir)
     if not out_dir.is_absolute():
-        out_dir = ROOT / out_dir
+        out_dir = REPO_ROOT / out_dir
     data_root = Path(cfg["data"]["root"])
-    data_root = data_root if data_root.is_absolute() else ROOT / data_root
+    data_root = data_root if data_root.is_absolute() else REPO_ROOT / data_root
     rows, text_cache = [], None
     for name in variants:
         variant_dir = out_dir / name.replace("+", "_")
@@ -196,7 +191,7 @@ def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configuration" / "train" / "quickstart.yaml"))
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value for every variant, e.g. --set stages.2.steps=100")
     parser.add_argument("--steps-fraction", type=float, default=2 / 3,
@@ -207,8 +202,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs (0 = none)")
     parser.add_argument("--no-plots", action="store_true", help="skip the per-variant evaluation plots")
     args = parser.parse_args(argv)
-    cfg = scale_steps(run.load_config(args.config, args.overrides), args.steps_fraction)
-    out_dir = Path(args.out) if Path(args.out).is_absolute() else ROOT / args.out
+    cfg = scale_steps(load_config(args.config, args.overrides).to_dict(), args.steps_fraction)
+    out_dir = Path(args.out) if Path(args.out).is_absolute() else REPO_ROOT / args.out
     rows = run_ablation(cfg, out_dir, args.variants, args.bootstrap, plots=not args.no_plots)
     print((out_dir / "ablation.md").read_text())
     return rows

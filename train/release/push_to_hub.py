@@ -1,12 +1,12 @@
 """Upload an Anatomy-VLM checkpoint folder to the Hugging Face Hub: weights, processor, model code and card.
 
-    python train/push_to_hub.py --model outputs/quickstart/model --repo-id you/anatomy-vlm
+    python -m train.release.push_to_hub --model outputs/quickstart/model --repo-id you/anatomy-vlm
                                 [--eval outputs/quickstart/eval.json] [--private] [--dry-run]
 
 1. checks the folder holds what `AutoModel.from_pretrained(repo, trust_remote_code=True)` needs: config.json,
    the weights, every code file named in the ``auto_map`` of config.json / processor_config.json and the files
    they import (``from .sibling import X``), the processor and tokenizer files;
-2. writes the model card ``README.md`` with `train/model_card.py` (from the config, ``train_config.yaml`` next to
+2. writes the model card ``README.md`` with `train.release.model_card` (from the config, ``train_config.yaml`` next to
    the folder and the evaluation JSON) and validates it offline;
 3. `HfApi.create_repo` (``exist_ok``) and `HfApi.upload_folder`, with the same ignore patterns as the listing.
    Authentication is huggingface_hub's own (``hf auth login`` or ``HF_TOKEN``).
@@ -20,18 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as `python train/<script>.py`, Python puts train/ first on sys.path, where our evaluate.py would shadow
-# the `evaluate` library: import from the repo root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train.model_card import CARD_NAME, validate_card, write_card  # noqa: E402
+from train.release.model_card import CARD_NAME, validate_card, write_card
 
 # Training leftovers that never belong in a model repo (on top of huggingface_hub's own .git / .cache ignores).
 IGNORE_PATTERNS = ["checkpoints/*", "checkpoints/**", "*.tmp", "*.pyc", "__pycache__/*", "**/__pycache__/**",

@@ -1,7 +1,7 @@
 """Evaluate an Anatomy-VLM checkpoint: zero-shot global and anatomy-wise classification, detection, laterality.
 
-    python train/evaluate.py --model outputs/quickstart/model --data data/phantom-quickstart [--split test]
-    python train/evaluate.py --model M --data iu-xray --dataset iu_xray [--threshold-data data/phantom-quickstart]
+    python -m train.eval.zero_shot --model outputs/quickstart/model --data data/phantom-quickstart [--split test]
+    python -m train.eval.zero_shot --model M --data iu-xray --dataset iu_xray [--threshold-data data/phantom-quickstart]
         [--out DIR] [--bootstrap 200] [--findings "pleural effusion" "pneumothorax"] [--recompute-thresholds]
 
 Tasks (PAPER.md):
@@ -16,7 +16,7 @@ Tasks (PAPER.md):
   clavicles), the fraction where the region score for that finding is higher on the true side than on the
   mirror; ties count as wrong. One lateral finding usually gives several such trials (lung, zone, angle).
 
-Metrics per class and macro: AUC, AP, BMAC, F1 (`train.metrics`). BMAC and F1 need decision thresholds: they
+Metrics per class and macro: AUC, AP, BMAC, F1 (`train.eval.metrics`). BMAC and F1 need decision thresholds: they
 are chosen on the VALIDATION split only (balanced accuracy, `select_thresholds`) and saved with the model as
 ``thresholds.json`` (global per finding, region per "region|finding", null = no positives in validation, then
 0.5 is used). The file records the validation split's image-id and label hashes and the weights' hash; it is
@@ -32,7 +32,7 @@ Where the labels come from:
   boxes the model does not use). Boxes are the scene graph objects' ``original_x1..y2``. Thresholds come from
   the ``validate`` split of the same root (``--threshold-data`` / ``--threshold-split`` to change it).
 * IU-Xray (``--dataset iu_xray``; ``--data`` holds ``ecgen-radiology/`` and ``NLMCXR_png/``): the FINDINGS and
-  IMPRESSION text of each report through the rule-based parser `train.labels.parse_report` (the loader
+  IMPRESSION text of each report through the rule-based parser `train.text.parser.parse_report` (the loader
   `train.data.iu_xray` does it); global task only (no boxes; region labels would be the parser's unvalidated
   placements). Default classes: the CheXpert competition five in our label strings: atelectasis, enlarged cardiac
   silhouette (cardiomegaly), consolidation, pulmonary edema/hazy opacity (edema), pleural effusion. IU-Xray has
@@ -53,7 +53,6 @@ import functools
 import hashlib
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -62,17 +61,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as `python train/<script>.py`, Python puts train/ first on sys.path, where our evaluate.py would shadow
-# the `evaluate` library: import from the repo root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from train.data.common import make_transform  # noqa: E402
-from train.metrics import bootstrap_ci, load_metric, select_thresholds  # noqa: E402
+from train.data.common import make_transform
+from train.eval.metrics import bootstrap_ci, load_metric, select_thresholds
+from train.config import DataConfig
+from train.text.vocabulary import mirror_pairs
+from train.data.registry import DATASETS as REGISTRY, load_finding_split
 
-DATASETS = ("imagenome", "iu_xray")
+DATASETS = tuple(name for name, entry in REGISTRY.items() if entry.findings is not None)
 # CheXpert competition classes (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion) as our labels.
 IU_XRAY_FINDINGS = ("atelectasis", "enlarged cardiac silhouette", "consolidation", "pulmonary edema/hazy opacity",
                     "pleural effusion")
@@ -225,11 +221,8 @@ def detection_metrics(pred: Predictions, region_names, n_bootstrap: int = 0, see
 
 
 def mirrored_region_pairs(region_names) -> list[tuple[int, int]]:
-    """(right, left) indices of the regions whose names differ only in the side word ("right lung" / "left lung")."""
-    index = {name: i for i, name in enumerate(region_names)}
-    mirrors = {i: "left " + name.removeprefix("right ") for i, name in enumerate(region_names)
-               if name.startswith("right ")}
-    return [(i, index[mirror]) for i, mirror in mirrors.items() if mirror in index]
+    """(right region, its left mirror) index pairs among `region_names` (`train.text.vocabulary.Region.mirror`)."""
+    return mirror_pairs(region_names)
 
 
 def laterality_trials(region_scores: np.ndarray, region_labels: np.ndarray, region_names,
@@ -574,26 +567,19 @@ def load_checkpoint(path):
 
 
 def load_split(dataset: str, data, split: str, region_names, findings, max_images: int | None = None):
-    """A split of `dataset` in the loader schema; IU-Xray's `data` holds ecgen-radiology/ and NLMCXR_png/."""
-    if dataset == "imagenome":
-        from train.data.imagenome import load_imagenome
-
-        return load_imagenome(data, split, region_names=region_names, findings=findings, max_images=max_images)
-    if dataset == "iu_xray":
-        from train.data.iu_xray import SPLIT, load_iu_xray
-
-        if split != SPLIT:
-            raise ValueError(f"IU-Xray has one split, {SPLIT!r}; got {split!r}")
-        return load_iu_xray(Path(data) / "ecgen-radiology", Path(data) / "NLMCXR_png", region_names=region_names,
-                            findings=findings, max_images=max_images)
-    raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+    """A split of a finding dataset of `train.data.registry`; `data` is its root folder (or a `DataConfig`)."""
+    if not isinstance(data, DataConfig):
+        data = DataConfig(dataset=dataset, root=str(data), max_images=max_images)
+    return load_finding_split(data, split, region_names, findings)
 
 
-def evaluate_checkpoint(model_dir, data_root, split: str = "test", batch_size: int = 32,
+def evaluate_checkpoint(model_dir, data, split: str = "test", batch_size: int = 32,
                         unmentioned_as_negative: bool = True) -> dict:
-    """The quickstart contract (`core_metrics`) of a checkpoint on a Chest ImaGenome-layout split."""
+    """The quickstart contract (`core_metrics`) of a checkpoint on a Chest ImaGenome-layout split.
+
+    `data`: a `DataConfig`, or the root folder of a Chest ImaGenome-layout set."""
     model, processor = load_checkpoint(model_dir)
-    dataset = load_split("imagenome", data_root, split, model.config.region_names, model.config.findings)
+    dataset = load_split("imagenome", data, split, model.config.region_names, model.config.findings)
     pred = predict(model, processor, dataset, batch_size=batch_size)
     return core_metrics(pred, model.config.region_names, model.config.findings, unmentioned_as_negative)
 

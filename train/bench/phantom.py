@@ -1,20 +1,15 @@
 """Throughput of the phantom generator: render-only and end-to-end (JPEG, report, scene graph, masks, CSVs).
 
-    python train/bench_phantom.py --n 200          (or: python -m train.bench_phantom --n 200)
+    python -m train.bench.phantom --n 200
 """
 
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.data.phantom import generate_dataset, render_phantom  # noqa: E402
+from train.data.phantom import generate_dataset, render_phantom
 
 
 def main(argv=None):

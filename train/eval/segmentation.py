@@ -1,7 +1,8 @@
 """Evaluate a segmentation checkpoint: Dice and IoU per class on a split, and masks drawn over sample images.
 
-    python train/evaluate_segmentation.py --model outputs/segmentation-frozen/model --data data/phantom-quickstart \
+    python -m train.eval.segmentation --model outputs/segmentation-frozen/model --data data/phantom-quickstart \
         [--split test] [--out DIR]
+    python -m train.eval.segmentation --model M --dataset chexmask --csv MIMIC-CXR-JPG.csv.gz --images mimic-cxr-jpg
 
 Scores are per image (sigmoid > 0.5, the processor's padding excluded), averaged over images; an image whose
 class is empty in both prediction and truth scores 1 for it.
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, Python puts train/ first on sys.path, where train/evaluate.py would shadow `evaluate`.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "train"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from train.config import DataConfig
+from train.data.registry import DATASETS, load_mask_split
 
 
 def mask_scores(logits: torch.Tensor, labels: torch.Tensor, valid_mask: torch.Tensor | None = None):
@@ -64,15 +61,19 @@ def draw_overlays(images: list[np.ndarray], preds: list[np.ndarray], trues: list
 
 
 @torch.no_grad()
-def evaluate_segmentation(model_dir, data_root, split: str = "test", out_dir=None, batch_size: int = 16) -> dict:
+def evaluate_segmentation(model_dir, data, split: str = "test", out_dir=None, batch_size: int = 16) -> dict:
+    """`data`: a `DataConfig` naming a dataset with masks, or the root folder of a phantom set."""
     from transformers import AutoModelForSemanticSegmentation, AutoProcessor
 
-    from train.data.segmentation import load_phantom_segmentation, make_segmentation_transform
+    from train.data.segmentation import make_segmentation_transform
+
+    if not isinstance(data, DataConfig):
+        data = DataConfig(dataset="phantom", root=str(data))
 
     model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    dataset = load_phantom_segmentation(data_root, split, names)
+    dataset = load_mask_split(data, split, names)
     dataset.set_transform(make_segmentation_transform(processor, names))
     dice, iou, samples = [], [], []
     for start in range(0, len(dataset), batch_size):
@@ -99,11 +100,17 @@ def evaluate_segmentation(model_dir, data_root, split: str = "test", out_dir=Non
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="phantom set root")
+    parser.add_argument("--dataset", default="phantom", choices=[n for n, e in DATASETS.items() if e.masks])
+    parser.add_argument("--data", help="phantom: the set's root")
+    parser.add_argument("--csv", help="chexmask / siim: the mask table")
+    parser.add_argument("--images", help="chexmask: the MIMIC-CXR-JPG folder; siim: the DICOM folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", help="folder for segmentation_metrics.json and segmentation_samples.png")
     args = parser.parse_args(argv)
-    metrics = evaluate_segmentation(args.model, args.data, args.split, args.out)
+    data = DataConfig(dataset=args.dataset, root=args.data, csv=args.csv,
+                      mimic_cxr_jpg_dir=args.images if args.dataset == "chexmask" else None,
+                      images_dir=args.images if args.dataset == "siim" else None)
+    metrics = evaluate_segmentation(args.model, data, args.split, args.out)
     print(f"{'class':<14} {'Dice':>7} {'IoU':>7}   ({metrics['num_images']} {args.split} images)")
     for name in metrics["dice"]:
         print(f"{name:<14} {metrics['dice'][name]:>7.3f} {metrics['iou'][name]:>7.3f}")
