@@ -34,8 +34,11 @@ def _describe(image) -> str:
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    with open(path, "rb") as handle:
-        return handle.read(132)[128:132] == b"DICM"
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError as err:
+        raise ImageLoadError(f"{path}: cannot be read ({err})") from err
 
 
 def _to_unit_range(array: np.ndarray) -> np.ndarray:
@@ -91,27 +94,34 @@ def _pil_to_gray(image: Image.Image, name: str) -> np.ndarray:
 
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     name = str(path)
     try:
         dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array
-    except Exception as err:  # pydicom raises many types for truncated or undecodable files
+        return _dicom_to_gray(dataset, dataset.pixel_array, name)
+    except ImageLoadError:
+        raise
+    except Exception as err:  # pydicom raises many types for truncated, undecodable or inconsistent files
         raise ImageLoadError(f"{name}: unreadable DICOM ({type(err).__name__}: {err})") from err
+
+
+def _dicom_to_gray(dataset, pixels: np.ndarray, name: str) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
     if int(getattr(dataset, "NumberOfFrames", 1) or 1) > 1:
         raise ImageLoadError(f"{name}: multi-frame DICOM is not supported (one radiograph per file)")
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return _array_to_gray(pixels, name)
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    stored = apply_modality_lut(pixels, dataset)  # integers, or floats where a rescale slope / intercept applies
+    values = stored.astype(np.float64)
     if "WindowCenter" in dataset and "WindowWidth" in dataset:
         center = float(np.atleast_1d(dataset.WindowCenter)[0])
         width = max(float(np.atleast_1d(dataset.WindowWidth)[0]), 1.0)
         gray = np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)  # DICOM linear window
     elif "VOILUTSequence" in dataset:
-        values = apply_voi_lut(values, dataset)
-        gray = _to_unit_range(values)
+        # A VOI LUT is indexed by integer values: it gets them (pydicom warns about a float input).
+        gray = _to_unit_range(apply_voi(np.rint(stored).astype(np.int64), dataset).astype(np.float64))
     elif "RescaleSlope" in dataset or "RescaleIntercept" in dataset or pixels.dtype.kind == "i":
         gray = _to_unit_range(values)
     else:
@@ -137,6 +147,8 @@ def _read_file(path: Path) -> np.ndarray:
             return _pil_to_gray(image, name)
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"{name}: not an image file (or an unsupported type); use PNG, JPEG or DICOM") from err
+    except Image.DecompressionBombError as err:  # PIL's own message does not name the file
+        raise ImageLoadError(f"{name}: refused, too many pixels ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, ImageLoadError):
             raise

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import TINY_VISION, tiny_config
 from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS
-from train.eval.zero_shot import IU_XRAY_FINDINGS, THRESHOLDS_FILE, laterality_accuracy, mirrored_region_pairs, run_evaluation
+from train.eval.thresholds import THRESHOLDS_FILE
+from train.eval.zero_shot import IU_XRAY_FINDINGS, laterality_accuracy, mirrored_region_pairs, run_evaluation
 
 # The IU-Xray five (so the saved thresholds serve IU-Xray too), one more finding, and one the phantom never draws.
 FINDINGS = [*IU_XRAY_FINDINGS, "pneumothorax", "hernia"]

@@ -1,9 +1,8 @@
-"""Tests of the procedural phantom generator (train/data/phantom.py)."""
+"""Tests of the procedural phantom generator (train/data/phantom/)."""
 
 import csv
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS
 from train.data import phantom as P
+from train.data.rle import chexmask_rle_decode as rle_decode, chexmask_rle_encode as rle_encode
 from train.text.vocabulary import IMAGENOME_VOCABULARY
 
 N_RENDER = 64
@@ -55,7 +55,7 @@ def test_anatomy_nests(phantoms):
         b = ph.boxes
         for side in ("right", "left"):
             lung = b[f"{side} lung"]
-            assert lung == P._bbox(ph.masks[f"{side} lung"])
+            assert lung == P.mask_box(ph.masks[f"{side} lung"])
             zones = [b[f"{side} {z} lung zone"] for z in ("upper", "mid", "lower")]
             for name in ("upper lung zone", "mid lung zone", "lower lung zone", "apical zone"):
                 assert _inside(b[f"{side} {name}"], lung), (ph.index, side, name)
@@ -220,16 +220,16 @@ def test_rle_roundtrip():
         m = rng.random(shape) > 0.5
         m[0, 0] = True
         m[-1, -1] = True
-        assert np.array_equal(P.rle_decode(P.rle_encode(m), *shape), m)
+        assert np.array_equal(rle_decode(rle_encode(m), *shape), m)
     m = np.zeros((3, 4), dtype=bool)
     m[0, 1:3] = True
     m[2, 3] = True
-    assert P.rle_encode(m) == "2 2 12 1"  # 1-based starts, row-major
-    assert P.rle_encode(np.zeros((4, 4), bool)) == ""
-    assert not P.rle_decode("", 4, 4).any()
+    assert rle_encode(m) == "2 2 12 1"  # 1-based starts, row-major
+    assert rle_encode(np.zeros((4, 4), bool)) == ""
+    assert not rle_decode("", 4, 4).any()
     ph = P.render_phantom(0, 0)
     lung = ph.masks["left lung"]
-    assert np.array_equal(P.rle_decode(P.rle_encode(lung), *lung.shape), lung)
+    assert np.array_equal(rle_decode(rle_encode(lung), *lung.shape), lung)
 
 
 def _read_csv(path):
@@ -275,11 +275,11 @@ def test_generate_dataset_layout_and_cache(tmp_path, capsys):
         assert ig[did][1]["path"] == f"files/p{sid[:2]}/p{sid}/s{stid}/{did}.dcm"
         masks = P.load_masks(out / f"phantom/masks/{did}.npz")
         H, W = int(r["Rows"]), int(r["Columns"])
-        assert np.array_equal(P.rle_decode(cm[did]["Left Lung"], H, W), masks["left lung"])
-        assert np.array_equal(P.rle_decode(cm[did]["Right Lung"], H, W), masks["right lung"])
-        assert np.array_equal(P.rle_decode(cm[did]["Heart"], H, W), masks["heart"])
+        assert np.array_equal(rle_decode(cm[did]["Left Lung"], H, W), masks["left lung"])
+        assert np.array_equal(rle_decode(cm[did]["Right Lung"], H, W), masks["right lung"])
+        assert np.array_equal(rle_decode(cm[did]["Heart"], H, W), masks["heart"])
         assert (int(cm[did]["Height"]), int(cm[did]["Width"])) == (H, W)
-        lungs_box = P._bbox(masks["right lung"])
+        lungs_box = P.mask_box(masks["right lung"])
         right = next(o for o in sg["objects"] if o["bbox_name"] == "right lung")
         assert lungs_box == (right["original_x1"], right["original_y1"], right["original_x2"], right["original_y2"])
         with np.load(out / f"phantom/masks/{did}.npz") as z:

@@ -36,13 +36,9 @@ from train.data.rle import (
     siim_rle_decode,
     siim_rle_encode,
 )
-from train.data.segmentation import (
-    load_chexmask,
-    load_phantom_segmentation,
-    load_siim_acr,
-    make_segmentation_transform,
-    resize_pad_masks,
-)
+from train.data.chexmask import load_chexmask
+from train.data.segmentation import load_phantom_segmentation, make_segmentation_transform, resize_pad_masks
+from train.data.siim import load_siim_acr
 
 LABELS = ["right lung", "left lung", "heart"]
 WHEEL_DIR = ROOT / ".cache" / "wheels"

@@ -65,7 +65,8 @@ def test_round_trip(tmp_path, dtype, tolerance):
 
 def test_unknown_text_is_a_key_error_naming_it(tmp_path):
     cache = fill(tmp_path / "cache")
-    with pytest.raises(KeyError, match=re.escape("1 texts are not in the text-embedding cache (e.g. ['no such text'])")):
+    message = "1 texts are not in the text-embedding cache (e.g. ['no such text'])"
+    with pytest.raises(KeyError, match=re.escape(message)):
         cache.lookup([TEXTS[0], "no such text"])
     empty = fill(tmp_path / "empty", texts=[])
     with pytest.raises(KeyError, match="not in the text-embedding cache"):
@@ -113,7 +114,7 @@ def test_extending_embeds_only_the_new_texts(tmp_path):
     torch.testing.assert_close(extended.lookup(TEXTS), torch.from_numpy(vectors_of(TEXTS)), atol=0, rtol=0)
 
 
-def test_another_fingerprint_dim_or_dtype_rebuilds(tmp_path):
+def test_another_fingerprint_or_dtype_rebuilds(tmp_path):
     fill(tmp_path / "cache")
     other = CountingEmbed()
     rebuilt = fill(tmp_path / "cache", embed=other, fingerprint="encoder-b")
@@ -156,7 +157,8 @@ def test_cached_embeddings_give_the_same_loss(tiny_model_and_processor, tmp_path
     positive[0, 6, 0] = positive[1, 13, 1] = positive[0, 24, 2] = positive[1, 17, 3] = True
     common = dict(pixel_values=pixels, phrase_positive_mask=positive)
     with torch.no_grad():
-        from_tower = model(phrase_input_ids=tokens["input_ids"], phrase_attention_mask=tokens["attention_mask"], **common)
+        from_tower = model(phrase_input_ids=tokens["input_ids"], phrase_attention_mask=tokens["attention_mask"],
+                           **common)
         from_cache = model(phrase_text_embeds=cache.lookup(texts), **common)
     torch.testing.assert_close(from_cache.loss_fine, from_tower.loss_fine, atol=1e-5, rtol=1e-5)
     with pytest.raises(KeyError, match="not in the text-embedding cache"):

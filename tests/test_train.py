@@ -19,7 +19,6 @@ from train.engine.checkpoint import latest_checkpoint
 from train.engine.optim import param_groups, staged_schedule
 from train.engine.precision import resolve_mixed_precision
 from train.tasks.anatomy_vlm import AnatomyVLMTask
-from train.text.cache import TextEmbeddingCache
 
 
 def tiny_train_config(data_root, output_dir, steps=(2, 2, 2), **training) -> dict:
@@ -38,38 +37,6 @@ def tiny_train_config(data_root, output_dir, steps=(2, 2, 2), **training) -> dic
 
 def _weights(output_dir):
     return load_file(str(output_dir / "model" / "model.safetensors"))
-
-
-def test_cached_embeddings_give_the_same_loss(tiny_model_and_processor):
-    model, processor = tiny_model_and_processor
-    texts = ["pleural effusion in the right costophrenic angle", "no pneumothorax in the left apical zone",
-             "The heart is mildly enlarged.", "the spine is normal"]
-    cache = TextEmbeddingCache.build(model, processor.tokenizer, texts + ["unused text"], progress=False)
-    tokens = processor.tokenize(texts)
-    torch.manual_seed(0)
-    pixels = torch.randn(2, 3, 64, 64)
-    positive = torch.zeros(2, 29, len(texts), dtype=torch.bool)
-    positive[0, 6, 0] = positive[1, 13, 1] = positive[0, 24, 2] = positive[1, 17, 3] = True
-    common = dict(pixel_values=pixels, phrase_positive_mask=positive)
-    with torch.no_grad():
-        from_tower = model(phrase_input_ids=tokens["input_ids"], phrase_attention_mask=tokens["attention_mask"], **common)
-        from_cache = model(phrase_text_embeds=cache.lookup(texts), **common)
-    torch.testing.assert_close(from_cache.loss_fine, from_tower.loss_fine, atol=1e-5, rtol=1e-5)
-    with pytest.raises(KeyError, match="not in the text-embedding cache"):
-        cache.lookup(["a text never embedded"])
-
-
-def test_cache_is_rebuilt_for_another_encoder(tiny_model_and_processor, tmp_path):
-    model, processor = tiny_model_and_processor
-    path = tmp_path / "cache.safetensors"
-    first = TextEmbeddingCache.load_or_build(path, model, processor.tokenizer, ["left lung", "right lung"])
-    assert TextEmbeddingCache.load(path).texts == first.texts
-    other = AnatomyVLMModel.from_encoders(tiny_config())
-    with torch.no_grad():
-        other.text_model.embeddings.word_embeddings.weight.mul_(1.5)  # a different encoder
-    rebuilt = TextEmbeddingCache.load_or_build(path, other, processor.tokenizer, ["left lung", "right lung"])
-    assert rebuilt.fingerprint != first.fingerprint
-    assert not torch.allclose(rebuilt.embeddings, first.embeddings)
 
 
 def test_training_never_runs_the_text_tower(phantom_root, tmp_path, dataset_cache, monkeypatch):

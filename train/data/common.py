@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -169,12 +170,38 @@ def default_cache_dir() -> Path:
 
 
 def file_signature(path) -> str:
-    """Size and mtime of a file or directory (a directory's mtime changes when files are added or removed)."""
+    """What a cache key needs to see any change to a source: a file's size and mtime; for a folder, a digest of
+    every file's (relative path, size, mtime_ns) under it, so a file edited in place is seen, not only one added or
+    removed. No file is read: one `os.scandir` walk and a stat per file (240k files: about 1 s on a local disk).
+    """
     try:
         st = os.stat(path)
     except OSError:
         return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    lines: list[str] = []
+    _list_tree(Path(path), "", lines, {(st.st_dev, st.st_ino)})
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return f"{len(lines)} files:{digest}"
+
+
+def _list_tree(folder: Path, prefix: str, lines: list[str], seen: set) -> None:
+    """Appends `prefix/name size mtime_ns` of every file under `folder` to `lines`, in name order. Symbolic links
+    are followed (a dataset folder often links to another disk); `seen` stops a link loop."""
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:  # a dangling link
+            lines.append(f"{prefix}{entry.name} missing")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            lines.append(f"{prefix}{entry.name} {st.st_size} {st.st_mtime_ns}")
+        elif (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            _list_tree(Path(entry.path), f"{prefix}{entry.name}/", lines, seen)
 
 
 def cached_dataset(name: str, key: dict, build: Callable[[], tuple[list[dict], DataProblems]], feats,

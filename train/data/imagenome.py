@@ -19,8 +19,6 @@ image are clipped, boxes left without area are dropped (NaN, masked in the loss)
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -30,44 +28,15 @@ from typing import Sequence
 import numpy as np
 
 from modeling_anatomy_vlm import AnatomyVLMConfig
+from train.data import mimic
 from train.data.common import (
     DataProblems, cached_dataset, clean_boxes, features, file_signature, label_arrays, phrase_rows,
 )
+from train.data.tables import read_rows
 from train.text.region_texts import scene_graph_region_phrases
 from train.text.vocabulary import parse_attribute
 
 SPLIT_FILES = {"train": "train", "validate": "valid", "valid": "valid", "val": "valid", "test": "test"}
-METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
-
-
-def _open_table(path: Path):
-    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    with _open_table(path) as fh:
-        return list(csv.DictReader(fh))
-
-
-def _find_table(directory: Path, name: str) -> Path | None:
-    for candidate in (directory / name, directory / (name + ".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _image_sizes(mimic_dir: Path) -> dict[str, tuple[int, int]]:
-    """dicom_id -> (height, width) from the MIMIC-CXR-JPG metadata table (Rows, Columns); {} without it."""
-    table = _find_table(mimic_dir, METADATA_CSV)
-    if table is None:
-        return {}
-    sizes = {}
-    for row in _read_rows(table):
-        try:
-            sizes[row["dicom_id"]] = (int(float(row["Rows"])), int(float(row["Columns"])))
-        except (KeyError, ValueError):
-            continue
-    return sizes
 
 
 def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
@@ -137,15 +106,6 @@ def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
     return row, problems, counts
 
 
-def _jpg_path(mimic_dir: Path, entry: dict) -> Path:
-    rel = entry.get("path") or ""
-    if rel:
-        rel = rel.split("files/", 1)[-1] if "files/" in rel else rel
-        return mimic_dir / "files" / Path(rel).with_suffix(".jpg")
-    subject = str(entry["subject_id"])
-    return mimic_dir / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{entry['study_id']}" / f"{entry['dicom_id']}.jpg"
-
-
 def load_imagenome(
     root=None,
     split: str = "train",
@@ -200,31 +160,31 @@ def load_imagenome(
         "regions": list(region_names), "findings": list(findings), "avoid": skip_images_to_avoid,
         "max_images": max_images, "on_error": on_error,
         "sources": [file_signature(p) for p in (split_csv, avoid_csv, silver / "scene_graph",
-                                                 _find_table(mimic_dir, METADATA_CSV) or "none")],
+                                                 mimic.metadata_table(mimic_dir) or "none")],
     }
 
     def build():
         problems = DataProblems(f"imagenome[{split_name}]", on_error)
-        entries = _read_rows(split_csv)
+        entries = read_rows(split_csv)
         if entries and "dicom_id" not in entries[0]:
             raise ValueError(f"{split_csv}: no dicom_id column (columns: {list(entries[0])})")
         if skip_images_to_avoid and avoid_csv.is_file():
-            avoid = {row["dicom_id"] for row in _read_rows(avoid_csv)}
+            avoid = {row["dicom_id"] for row in read_rows(avoid_csv)}
             kept = [e for e in entries if e["dicom_id"] not in avoid]
             problems.count("images_to_avoid skipped", len(entries) - len(kept))
             entries = kept
         if max_images is not None:
             entries = entries[:max_images]
-        sizes = _image_sizes(mimic_dir)
+        sizes = mimic.image_sizes(mimic_dir)
         jobs = []
         for entry in entries:
             entry = {**entry, "split": split_name}
             report = None
             if reports_dir is not None:
-                s = str(entry["subject_id"])
-                report = Path(reports_dir) / "files" / f"p{s[:2]}" / f"p{s}" / f"s{entry['study_id']}.txt"
-            jobs.append((entry, _jpg_path(mimic_dir, entry), silver / "scene_graph" / f"{entry['dicom_id']}_SceneGraph.json",
-                         report, sizes.get(entry["dicom_id"]), tuple(region_names), tuple(findings)))
+                report = mimic.report_path(Path(reports_dir), entry["subject_id"], entry["study_id"])
+            scene_graph = silver / "scene_graph" / f"{entry['dicom_id']}_SceneGraph.json"
+            jobs.append((entry, mimic.jpg_path_of_row(mimic_dir, entry), scene_graph, report,
+                         sizes.get(entry["dicom_id"]), tuple(region_names), tuple(findings)))
         from tqdm import tqdm
 
         rows = []

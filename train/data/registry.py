@@ -57,7 +57,7 @@ def _phantom_masks(data: DataConfig, split, labels, **options):
 
 
 def _chexmask_masks(data: DataConfig, split, labels, **options):
-    from train.data.segmentation import load_chexmask
+    from train.data.chexmask import load_chexmask
 
     return load_chexmask(_root(data, "csv"), _root(data, "mimic_cxr_jpg_dir"), split=split, on_error=data.on_error,
                          **options)
@@ -65,7 +65,7 @@ def _chexmask_masks(data: DataConfig, split, labels, **options):
 
 def _siim_masks(data: DataConfig, split, labels, **options):
     """SIIM-ACR has no official split: a fixed `val_fraction` of images (seed 0) is `validate`, the rest `train`."""
-    from train.data.segmentation import load_siim_acr
+    from train.data.siim import load_siim_acr
 
     table = load_siim_acr(_root(data, "csv"), _root(data, "images_dir"), on_error=data.on_error, **options)
     parts = table.train_test_split(test_size=data.val_fraction, seed=0)

@@ -1,6 +1,8 @@
-"""Segmentation data (CheXmask lungs + heart, SIIM-ACR pneumothorax, phantom masks) -> `datasets.Dataset`.
+"""What the segmentation loaders share: their columns, the image checks, the phantom masks, the transform.
 
-Every loader returns the same columns, so one transform serves all of them:
+Loaders: `train.data.chexmask` (CheXmask lungs + heart over MIMIC-CXR-JPG), `train.data.siim` (SIIM-ACR
+pneumothorax) and `load_phantom_segmentation` here (a phantom set's exact masks). Every loader returns the same
+columns, so one transform serves all of them:
 
 * ``image``: `datasets.Image(decode=False)`, i.e. the file path (JPEG, PNG or DICOM), decoded lazily by
   `make_segmentation_transform` through the model's own image loader.
@@ -16,34 +18,27 @@ Bad rows (undecodable RLE, mask size != image size, missing or unreadable image,
 ``on_error="skip"``. Tables are Arrow-cached like the other loaders (`train.data.common.cached_dataset`):
 the checks run when a table is first built.
 
-    dataset = load_chexmask("chexmask/MIMIC-CXR-JPG.csv", "mimic-cxr-jpg/2.0.0", split="train")
+    dataset = load_chexmask("chexmask/MIMIC-CXR-JPG.csv", "mimic-cxr-jpg/2.0.0", split="train")  # train.data.chexmask
     dataset.set_transform(make_segmentation_transform(processor))
     dataset[0]  # {"pixel_values": [3, S, S], "labels": [3, S, S], "valid_mask": [S, S], "original_sizes": [2]}
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.data import mimic
 from train.data.common import DataProblems, cached_dataset, file_signature
-from train.data.rle import SIIM_EMPTY, chexmask_rle_decode, chexmask_rle_encode, chexmask_rle_runs, siim_rle_decode
+from train.data.rle import chexmask_rle_decode, chexmask_rle_encode
 
-CHEXMASK_COLUMNS = {"right lung": "Right Lung", "left lung": "Left Lung", "heart": "Heart"}  # class -> CSV column
-SIIM_LABEL = "pneumothorax"
-SIIM_IMAGE_SIZE = (1024, 1024)  # SIIM-ACR RLE is defined over 1024 x 1024 images
 PHANTOM_ANATOMY_LABELS = ("right lung", "left lung", "heart")
-MIMIC_SPLITS = {"train": "train", "validate": "validate", "valid": "validate", "val": "validate", "test": "test"}
-SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
-METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
-_CACHE_VERSION = "segmentation-1"
+CACHE_VERSION = "segmentation-1"  # of every segmentation loader's Arrow cache key
 
 
 def features(label_names: Sequence[str], extra: dict | None = None):
@@ -61,34 +56,7 @@ def features(label_names: Sequence[str], extra: dict | None = None):
     })
 
 
-# ----------------------------------------------------------------------------------------------------- helpers
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of a CSV or CSV.gz; column names stripped (SIIM's is ' EncodedPixels')."""
-    csv.field_size_limit(max(csv.field_size_limit(), 2**30))  # full-resolution RLE cells exceed the 128 KiB default
-    with gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        for values in reader:
-            if not values:  # blank line
-                continue
-            if len(values) != len(header):
-                raise ValueError(f"{path}, line {reader.line_num}: {len(values)} fields but {len(header)} columns")
-            yield reader.line_num, dict(zip(header, values, strict=True))
-
-
-def _require_columns(path: Path, row: dict, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in row]
-    if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; columns are {list(row)}")
-
-
-def _find_table(directory: Path, name: str) -> Path | None:
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
+# ----------------------------------------------------------------------------------------------------- images
 def _image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file header only: DICOM Rows / Columns, else PIL."""
     if path.suffix.lower() in (".dcm", ".dicom"):
@@ -102,7 +70,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         return image.height, image.width
 
 
-def _checked_image(path: Path, where: str, size: tuple[int, int], problems: DataProblems) -> bool:
+def checked_image(path: Path, where: str, size: tuple[int, int], problems: DataProblems) -> bool:
     """Whether `path` exists, reads as an image and is `size` (height, width); else reports the problem."""
     if not path.is_file():
         problems.problem("image missing", where, f"image {path} not found")
@@ -118,186 +86,6 @@ def _checked_image(path: Path, where: str, size: tuple[int, int], problems: Data
         )
         return False
     return True
-
-
-def _mimic_index(mimic_dir: Path) -> dict[str, dict]:
-    """dicom_id -> {subject_id, study_id, split} from the MIMIC-CXR-JPG split table (or metadata table)."""
-    table = _find_table(mimic_dir, SPLIT_CSV) or _find_table(mimic_dir, METADATA_CSV)
-    if table is None:
-        raise FileNotFoundError(f"{mimic_dir}: neither {SPLIT_CSV} nor {METADATA_CSV} (.gz) found")
-    index = {}
-    for _, row in _csv_rows(table):
-        _require_columns(table, row, ("dicom_id", "subject_id", "study_id"))
-        index[row["dicom_id"]] = {"subject_id": row["subject_id"], "study_id": row["study_id"],
-                                  "split": row.get("split", "")}
-    return index
-
-
-def _mimic_jpg(mimic_dir: Path, dicom_id: str, entry: dict) -> Path:
-    subject = entry["subject_id"]
-    return mimic_dir / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{entry['study_id']}" / f"{dicom_id}.jpg"
-
-
-def _split_name(split: str | None) -> str | None:
-    if split is None:
-        return None
-    if split not in MIMIC_SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of train, validate, test (or None for all)")
-    return MIMIC_SPLITS[split]
-
-
-# ----------------------------------------------------------------------------------------------------- CheXmask
-def load_chexmask(
-    chexmask_csv,
-    mimic_cxr_jpg_dir,
-    split: str | None = None,
-    *,
-    on_error: str = "skip",
-    cache_dir=None,
-    overwrite_cache: bool = False,
-):
-    """CheXmask lungs + heart masks of MIMIC-CXR-JPG images (classes ``right lung``, ``left lung``, ``heart``).
-
-    Args:
-        chexmask_csv: CheXmask's ``MIMIC-CXR-JPG.csv`` (or ``.csv.gz``): ``dicom_id``, ``Dice RCA (Mean)``,
-            ``Left Lung``, ``Right Lung``, ``Heart`` (RLE), ``Height``, ``Width``.
-        mimic_cxr_jpg_dir: holds ``files/`` and ``mimic-cxr-2.0.0-split.csv`` (or the metadata table), which
-            map each ``dicom_id`` to its subject, study and split.
-        split: ``train``, ``validate`` or ``test``; ``None`` keeps every row.
-
-    A row is bad when its ``dicom_id`` is not in the MIMIC-CXR-JPG table, its image is missing or unreadable,
-    ``Height`` / ``Width`` differ from the image, or an RLE is blank or does not fit ``Height x Width``.
-    """
-    import datasets
-
-    chexmask_csv, mimic_dir, split = Path(chexmask_csv), Path(mimic_cxr_jpg_dir), _split_name(split)
-    if not chexmask_csv.is_file():
-        raise FileNotFoundError(f"load_chexmask: {chexmask_csv}: CheXmask CSV not found")
-    if not (mimic_dir / "files").is_dir():
-        raise FileNotFoundError(f"load_chexmask: {mimic_dir / 'files'}: MIMIC-CXR-JPG files/ folder not found")
-    index_table = _find_table(mimic_dir, SPLIT_CSV) or _find_table(mimic_dir, METADATA_CSV)
-    key = {
-        "v": _CACHE_VERSION, "csv": str(chexmask_csv.resolve()), "mimic": str(mimic_dir.resolve()), "split": split,
-        "on_error": on_error, "sources": [file_signature(chexmask_csv), file_signature(index_table or mimic_dir)],
-    }
-    name = f"chexmask-{split or 'all'}"
-
-    def build():
-        problems = DataProblems(name, on_error)
-        images = _mimic_index(mimic_dir)
-        rows = []
-        for line, row in _csv_rows(chexmask_csv):
-            _require_columns(chexmask_csv, row, ("dicom_id", "Height", "Width", *CHEXMASK_COLUMNS.values()))
-            dicom_id = row["dicom_id"]
-            where = f"{chexmask_csv}, line {line} (dicom_id {dicom_id})"
-            entry = images.get(dicom_id)
-            if entry is None:
-                problems.problem("unknown image", where, "dicom_id not in the MIMIC-CXR-JPG split / metadata table")
-                continue
-            if split is not None and entry["split"] != split:
-                continue
-            try:
-                height, width = int(float(row["Height"])), int(float(row["Width"]))
-            except ValueError:
-                problems.problem("bad size", where, f"Height / Width {row['Height']!r} / {row['Width']!r} not numbers")
-                continue
-            masks = _checked_chexmask_rles(row, height, width, where, problems)
-            jpg = _mimic_jpg(mimic_dir, dicom_id, entry)
-            if masks is None or not _checked_image(jpg, where, (height, width), problems):
-                continue
-            rows.append({
-                "image": str(jpg), "image_id": dicom_id, "split": entry["split"],
-                "height": height, "width": width, "masks": masks,
-                "dice_rca_mean": _float_or_nan(row.get("Dice RCA (Mean)")),
-            })
-        return rows, problems
-
-    extra = {"dice_rca_mean": datasets.Value("float32")}
-    return cached_dataset(name, key, build, features(list(CHEXMASK_COLUMNS), extra), cache_dir=cache_dir,
-                          overwrite=overwrite_cache)
-
-
-def _checked_chexmask_rles(row: dict, height: int, width: int, where: str, problems: DataProblems) -> dict | None:
-    masks = {}
-    for label, column in CHEXMASK_COLUMNS.items():
-        rle = row[column].strip()
-        if not rle:
-            problems.problem("mask missing", where, f"no RLE in column {column!r}")
-            return None
-        try:
-            chexmask_rle_runs(rle, height, width)  # validates without drawing the mask
-        except ValueError as error:
-            problems.problem("bad RLE", where, f"column {column!r}: {error}")
-            return None
-        masks[label] = rle
-    return masks
-
-
-def _float_or_nan(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------- SIIM-ACR
-def load_siim_acr(rle_csv, images_dir, *, on_error: str = "skip", cache_dir=None, overwrite_cache: bool = False):
-    """SIIM-ACR pneumothorax masks (class ``pneumothorax``) of the DICOM images under `images_dir`.
-
-    Args:
-        rle_csv: ``train-rle.csv`` (or ``.csv.gz``): ``ImageId``, `` EncodedPixels`` (Kaggle relative,
-            column-major RLE; ``-1`` = no pneumothorax; several rows of one image are its components, merged).
-        images_dir: searched recursively for ``{ImageId}.dcm`` (the Kaggle ``dicom-images-train`` tree).
-
-    An image is bad when its DICOM is missing or unreadable, is not 1024 x 1024, or one of its rows does not
-    decode; the error names the CSV line.
-    """
-    rle_csv, images_dir = Path(rle_csv), Path(images_dir)
-    if not rle_csv.is_file():
-        raise FileNotFoundError(f"load_siim_acr: {rle_csv}: RLE CSV not found")
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"load_siim_acr: {images_dir}: image folder not found")
-    key = {
-        "v": _CACHE_VERSION, "csv": str(rle_csv.resolve()), "images": str(images_dir.resolve()), "on_error": on_error,
-        "sources": [file_signature(rle_csv), file_signature(images_dir)],
-    }
-
-    def build():
-        problems = DataProblems("siim-acr", on_error)
-        components: dict[str, list[tuple[int, str]]] = {}  # ImageId -> [(line, rle)], in CSV order
-        for line, row in _csv_rows(rle_csv):
-            _require_columns(rle_csv, row, ("ImageId", "EncodedPixels"))
-            components.setdefault(row["ImageId"].strip(), []).append((line, row["EncodedPixels"]))
-        dicoms = {path.stem: path for path in sorted(images_dir.rglob("*.dcm"))}
-        rows = []
-        for image_id, parts in components.items():
-            where = f"{rle_csv}, line {parts[0][0]} (ImageId {image_id})"
-            path = dicoms.get(image_id, images_dir / f"{image_id}.dcm")
-            rle = _siim_union_rle(rle_csv, image_id, parts, problems)
-            if rle is None or not _checked_image(path, where, SIIM_IMAGE_SIZE, problems):
-                continue
-            rows.append({"image": str(path), "image_id": image_id, "split": "", "height": SIIM_IMAGE_SIZE[0],
-                         "width": SIIM_IMAGE_SIZE[1], "masks": {SIIM_LABEL: rle}})
-        return rows, problems
-
-    return cached_dataset("siim-acr", key, build, features([SIIM_LABEL]), cache_dir=cache_dir,
-                          overwrite=overwrite_cache)
-
-
-def _siim_union_rle(rle_csv: Path, image_id: str, parts: list[tuple[int, str]], problems: DataProblems):
-    """The union of an image's component masks as CheXmask RLE, or None (problem reported) when one does not
-    decode. Images whose rows are all "-1" (most of them) are not drawn."""
-    mask = None
-    for line, rle in parts:
-        if rle.strip() == SIIM_EMPTY:
-            continue
-        try:
-            component = siim_rle_decode(rle, *SIIM_IMAGE_SIZE)
-        except ValueError as error:
-            problems.problem("bad RLE", f"{rle_csv}, line {line} (ImageId {image_id})", str(error))
-            return None
-        mask = component if mask is None else mask | component
-    return "" if mask is None else chexmask_rle_encode(mask)
 
 
 # ----------------------------------------------------------------------------------------------------- phantom
@@ -319,7 +107,7 @@ def load_phantom_segmentation(
     """
     from train.data.phantom import FINDING_WEIGHTS
 
-    root, split = Path(root), _split_name(split)
+    root, split = Path(root), mimic.split_name(split)
     labels = list(labels)
     unknown = [name for name in labels if name not in PHANTOM_ANATOMY_LABELS and name not in FINDING_WEIGHTS]
     if not labels or unknown or len(set(labels)) != len(labels):
@@ -331,7 +119,7 @@ def load_phantom_segmentation(
     if not masks_dir.is_dir():
         raise FileNotFoundError(f"load_phantom_segmentation: {masks_dir}: no phantom mask folder (not a phantom set?)")
     key = {
-        "v": _CACHE_VERSION, "root": str(root.resolve()), "split": split, "labels": labels, "on_error": on_error,
+        "v": CACHE_VERSION, "root": str(root.resolve()), "split": split, "labels": labels, "on_error": on_error,
         "sources": [file_signature(root / "phantom" / "manifest.json"), file_signature(masks_dir)],
     }
     name = f"phantom-segmentation-{split or 'all'}"
@@ -339,7 +127,7 @@ def load_phantom_segmentation(
     def build():
         problems = DataProblems(name, on_error)
         rows = []
-        for dicom_id, entry in _mimic_index(mimic_dir).items():
+        for dicom_id, entry in mimic.image_index(mimic_dir).items():
             if split is not None and entry["split"] != split:
                 continue
             npz = masks_dir / f"{dicom_id}.npz"
@@ -349,8 +137,8 @@ def load_phantom_segmentation(
                 problems.problem("mask file unreadable", str(npz), f"{type(error).__name__}: {error}")
                 continue
             height, width = next(iter(masks.values())).shape
-            jpg = _mimic_jpg(mimic_dir, dicom_id, entry)
-            if not _checked_image(jpg, str(npz), (height, width), problems):
+            jpg = mimic.jpg_path(mimic_dir, entry["subject_id"], entry["study_id"], dicom_id)
+            if not checked_image(jpg, str(npz), (height, width), problems):
                 continue
             rows.append({"image": str(jpg), "image_id": dicom_id, "split": entry["split"], "height": height,
                          "width": width, "masks": {n: chexmask_rle_encode(m) for n, m in masks.items()}})

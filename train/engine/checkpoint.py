@@ -1,53 +1,209 @@
-"""Training checkpoints (resume) and the final model folder."""
+"""Training checkpoints (resume) and the final model folder.
+
+A checkpoint is written whole or not at all: Accelerate writes every file into `checkpoints/step_N.partial/`,
+`trainer_state.json` goes in last, the files are flushed to disk, and only then is the folder renamed to `step_N`.
+A run killed at any point leaves complete `step_N` folders and at most one `.partial` folder, which the next save
+removes. A `step_N` whose `trainer_state.json` does not parse (damaged after the fact) is incomplete: `--resume
+latest` warns and takes the newest complete one before it.
+
+Frozen parameters (`requires_grad=False`: the text tower, a LoRA base, a frozen segmentation encoder) never change
+during training, so checkpoints leave them out and a resumed run keeps the ones its freshly built model has. A
+fingerprint of them in `frozen_weights.json` makes resuming with other frozen weights (another text encoder) an
+error instead of a silently different model.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("anatomy_vlm.train")
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a checkpoint complete
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint whose state parses is complete
+FROZEN_FILE = "frozen_weights.json"
+PARTIAL = ".partial"  # suffix of a folder still being written
+REPLACED = ".replaced"  # suffix of a checkpoint being replaced by a newer write of the same step
+STEP_FOLDER = re.compile(r"step_(\d+)")
+STATE_KEYS = ("stage", "step_in_stage", "global_step")
 
 
-def _step_of(folder: Path) -> int:
-    return int(folder.name.split("_")[1])
+class IncompleteCheckpoint(FileNotFoundError):
+    """A checkpoint folder without a readable `trainer_state.json`."""
+
+
+def read_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint; `IncompleteCheckpoint` naming the folder and the problem otherwise."""
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IncompleteCheckpoint(f"{folder}: not a complete checkpoint (no {STATE_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IncompleteCheckpoint(f"{folder}: not a complete checkpoint ({STATE_FILE} unreadable: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), int) for key in STATE_KEYS):
+        raise IncompleteCheckpoint(f"{folder}: not a complete checkpoint ({STATE_FILE} lacks {', '.join(STATE_KEYS)})")
+    return state
+
+
+def _step_folders(output_dir: Path) -> list[Path]:
+    """`output_dir/checkpoints/step_N` folders, oldest first (`.partial` and `.replaced` ones left out)."""
+    folders = [p for p in (Path(output_dir) / "checkpoints").glob("step_*") if STEP_FOLDER.fullmatch(p.name)]
+    return sorted(folders, key=lambda p: int(STEP_FOLDER.fullmatch(p.name)[1]))
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints under `output_dir/checkpoints`, oldest first."""
-    folders = [p for p in (Path(output_dir) / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file()]
-    return sorted(folders, key=_step_of)
+    complete = []
+    for folder in _step_folders(output_dir):
+        try:
+            read_state(folder)
+        except IncompleteCheckpoint:
+            continue
+        complete.append(folder)
+    return complete
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    done = complete_checkpoints(output_dir)
-    return done[-1] if done else None
+    """The newest complete checkpoint; each newer incomplete one is skipped with a warning."""
+    for folder in reversed(_step_folders(output_dir)):
+        try:
+            read_state(folder)
+            return folder
+        except IncompleteCheckpoint as err:
+            logger.warning("skipping %s", err)
+    return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk, so a rename after it never publishes unwritten data."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(parent) / name)
+        _fsync(Path(parent))
+
+
+def _publish(partial: Path, folder: Path) -> None:
+    """Rename a fully written `partial` folder to `folder`, replacing an existing one only once the new one is in
+    place (a kill in between leaves `folder.replaced`, removed by the next save, and the new `folder`)."""
+    _fsync_tree(partial)
+    replaced = folder.with_name(folder.name + REPLACED)
+    if folder.exists():
+        folder.rename(replaced)
+    partial.rename(folder)
+    _fsync(folder.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> None:
-    folder = Path(output_dir) / "checkpoints" / f"step_{state['global_step']}"
-    accelerator.save_state(str(folder))
+    """Write `checkpoints/step_{global_step}` atomically (every process must call it); keep the newest `keep`."""
+    checkpoints = Path(output_dir) / "checkpoints"
+    folder = checkpoints / f"step_{state['global_step']}"
+    partial = folder.with_name(folder.name + PARTIAL)
     if accelerator.is_main_process:
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing this step
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _publish(partial, folder)
+        stale = [p for p in checkpoints.iterdir() if p.name.endswith((PARTIAL, REPLACED))]
+        for old in stale + (complete_checkpoints(output_dir)[:-keep] if keep > 0 else []):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, output_dir: Path, resume: str) -> tuple[Path, dict]:
     """Restore `resume` ("latest" or a checkpoint folder) into the accelerator; returns the folder and trainer state."""
-    folder = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-    if folder is None:
-        raise FileNotFoundError(f"--resume latest: no complete checkpoint under {Path(output_dir) / 'checkpoints'}")
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {folder}: not a complete checkpoint (no {STATE_FILE})")
+    if resume == "latest":
+        folder = latest_checkpoint(output_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {Path(output_dir) / 'checkpoints'}")
+    else:
+        folder = Path(resume)
+    state = read_state(folder)
     accelerator.load_state(str(folder))
-    return folder, json.loads((folder / STATE_FILE).read_text())
+    return folder, state
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes: equal exactly when the tensors are."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def leave_frozen_weights_out(accelerator, model) -> None:
+    """Make `accelerator.save_state` / `load_state` skip `model`'s frozen parameters (see the module docstring).
+
+    Call once, after `accelerator.prepare`, with the prepared model. Under DeepSpeed and FSDP the engine writes the
+    model itself, whole: checkpoints there keep the frozen weights, as before.
+    """
+    from accelerate.utils import SAFE_MODEL_NAME, DistributedType
+    from safetensors.torch import load_file
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        logger.info("%s writes the whole model into checkpoints, frozen weights included",
+                    accelerator.distributed_type.value)
+        return
+    frozen = {name: p for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    record = {"parameters": len(frozen), "sha256": _fingerprint(frozen)}
+
+    def weights_file(index: int) -> str:  # Accelerate's name for the index-th prepared model
+        return f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors"
+
+    def index_of(models) -> int | None:
+        return next((i for i, candidate in enumerate(models) if candidate is model), None)
+
+    def save_hook(models, weights, output_dir):
+        index = index_of(models)
+        if index is None:
+            return
+        if any(p.requires_grad for p in frozen.values()):
+            raise RuntimeError("a parameter frozen when training started was unfrozen; checkpoints would lose it")
+        weights[index] = {name: value for name, value in weights[index].items() if name not in frozen}
+        if accelerator.is_main_process:
+            (Path(output_dir) / FROZEN_FILE).write_text(json.dumps(record))
+
+    def load_hook(models, input_dir):
+        index = index_of(models)
+        record_path = Path(input_dir) / FROZEN_FILE
+        if index is None or not record_path.is_file():  # a checkpoint holding every weight: Accelerate loads it
+            return
+        saved, current = json.loads(record_path.read_text()), {"parameters": len(frozen), "sha256": _fingerprint(frozen)}
+        if saved != current:
+            raise ValueError(
+                f"{input_dir}: this checkpoint was trained with other frozen weights ({saved['parameters']} "
+                f"parameters, fingerprint {saved['sha256'][:12]}) than the model has now ({current['parameters']}, "
+                f"{current['sha256'][:12]}): resume with the config (text encoder, vision_init, LoRA) it was "
+                "trained with")
+        missing, unexpected = models[index].load_state_dict(load_file(str(Path(input_dir) / weights_file(index))),
+                                                            strict=False)
+        if unexpected or set(missing) != set(frozen):
+            raise ValueError(f"{input_dir}: checkpoint weights do not match the model: missing "
+                             f"{sorted(set(missing) - set(frozen))[:5]}, unexpected {unexpected[:5]}")
+        models.pop(index)  # loaded here: Accelerate goes on with the optimizer, schedule and RNG states
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def check_replicas(accelerator, model, output_dir: Path) -> None:
@@ -71,7 +227,10 @@ def check_replicas(accelerator, model, output_dir: Path) -> None:
 
 
 def save_final(accelerator, model, processor, output_dir: Path, lora: bool) -> None:
-    """`model/`: a plain checkpoint (LoRA merged in); `adapter/`: the LoRA adapters on their own."""
+    """`model/`: a plain checkpoint (LoRA merged in); `adapter/`: the LoRA adapters on their own.
+
+    Each folder is written under a `.partial` name and renamed when complete, so a `model/` is never half written.
+    """
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
     if not accelerator.is_main_process:
@@ -79,9 +238,20 @@ def save_final(accelerator, model, processor, output_dir: Path, lora: bool) -> N
     output_dir = Path(output_dir)
     model = accelerator.unwrap_model(model)
     if lora:
-        model.save_pretrained(str(output_dir / "adapter"))
+        _save_folder(output_dir / "adapter", model.save_pretrained)
         model = copy.deepcopy(model).merge_and_unload()
         state_dict = None
-    model.save_pretrained(str(output_dir / "model"), state_dict=state_dict)
-    processor.save_pretrained(str(output_dir / "model"))
+
+    def save_model(folder: str) -> None:
+        model.save_pretrained(folder, state_dict=state_dict)
+        processor.save_pretrained(folder)
+
+    _save_folder(output_dir / "model", save_model)
     logger.info("saved model + processor to %s", output_dir / "model")
+
+
+def _save_folder(folder: Path, write) -> None:
+    partial = folder.with_name(folder.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    write(str(partial))
+    _publish(partial, folder)

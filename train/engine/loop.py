@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from train.config import RunConfig, from_dict, resolve_path
-from train.engine.checkpoint import check_replicas, load_checkpoint, save_checkpoint, save_final
+from train.engine.checkpoint import (
+    check_replicas, leave_frozen_weights_out, load_checkpoint, save_checkpoint, save_final,
+)
 from train.engine.optim import frozen_parameters, param_groups, staged_schedule
 from train.engine.precision import resolve_mixed_precision
 
@@ -92,6 +94,7 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch of {run.batch_size} per process")
     state = {"stage": 0, "step_in_stage": 0, "global_step": 0, "skipped_images": 0}
+    leave_frozen_weights_out(accelerator, model)
     if resume:
         resume_dir, state = load_checkpoint(accelerator, output_dir, resume)
         logger.info("resumed from %s (stage %d, step %d)", resume_dir, state["stage"] + 1, state["step_in_stage"])

@@ -104,14 +104,15 @@ def main(argv=None) -> None:
     parser.add_argument("--data", help="phantom: the set's root")
     parser.add_argument("--csv", help="chexmask / siim: the mask table")
     parser.add_argument("--images", help="chexmask: the MIMIC-CXR-JPG folder; siim: the DICOM folder")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", help="default: test, or validate for a dataset without a test split (siim)")
     parser.add_argument("--out", help="folder for segmentation_metrics.json and segmentation_samples.png")
     args = parser.parse_args(argv)
     data = DataConfig(dataset=args.dataset, root=args.data, csv=args.csv,
                       mimic_cxr_jpg_dir=args.images if args.dataset == "chexmask" else None,
                       images_dir=args.images if args.dataset == "siim" else None)
-    metrics = evaluate_segmentation(args.model, data, args.split, args.out)
-    print(f"{'class':<14} {'Dice':>7} {'IoU':>7}   ({metrics['num_images']} {args.split} images)")
+    split = args.split or ("test" if "test" in DATASETS[args.dataset].splits else "validate")
+    metrics = evaluate_segmentation(args.model, data, split, args.out)
+    print(f"{'class':<14} {'Dice':>7} {'IoU':>7}   ({metrics['num_images']} {split} images)")
     for name in metrics["dice"]:
         print(f"{name:<14} {metrics['dice'][name]:>7.3f} {metrics['iou'][name]:>7.3f}")
     print(f"{'mean':<14} {metrics['mean_dice']:>7.3f} {metrics['miou']:>7.3f}")

@@ -21,7 +21,7 @@ are chosen on the VALIDATION split only (balanced accuracy, `select_thresholds`)
 ``thresholds.json`` (global per finding, region per "region|finding", null = no positives in validation, then
 0.5 is used). The file records the validation split's image-id and label hashes and the weights' hash; it is
 reused while they match and recomputed otherwise (or with ``--recompute-thresholds``), so the test split can
-never move a threshold. Macro metrics get percentile bootstrap 95 % intervals over images (``--bootstrap N``
+never move a threshold (`train.eval.thresholds`). Macro metrics get percentile bootstrap 95 % intervals over images (``--bootstrap N``
 resamples, default 200; 0 = none). A class without positives or without negatives in the split is undefined:
 null in the JSON with a warning, never 0 or 1, and left out of the macro averages.
 
@@ -42,15 +42,14 @@ Label policy: findings the source does not mention count as absent (``--unmentio
 practice) or are left out (``--unmentioned unknown``).
 
 Outputs in ``--out`` (default ``<model>/../evaluation/<dataset>-<split>``): ``metrics.json``, ``roc_global.png``,
-``region_auc_heatmap.png`` (regions x findings), ``boxes.png`` (predicted dashed vs true solid, 4 images);
-a readable table on stdout.
+``region_auc_heatmap.png`` (regions x findings), ``boxes.png`` (predicted dashed vs true solid, 4 images;
+`train.eval.plots`); a readable table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import time
@@ -61,19 +60,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-from train.data.common import make_transform
-from train.eval.metrics import bootstrap_ci, load_metric, select_thresholds
 from train.config import DataConfig
-from train.text.vocabulary import mirror_pairs
+from train.data.common import make_transform
 from train.data.registry import DATASETS as REGISTRY, load_finding_split
+from train.eval.metrics import bootstrap_ci, load_metric
+from train.eval.plots import plot_boxes, plot_region_heatmap, plot_roc_curves
+from train.eval.thresholds import FALLBACK_THRESHOLD, decision_thresholds
+from train.text.vocabulary import mirror_pairs
 
 DATASETS = tuple(name for name, entry in REGISTRY.items() if entry.findings is not None)
 # CheXpert competition classes (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion) as our labels.
 IU_XRAY_FINDINGS = ("atelectasis", "enlarged cardiac silhouette", "consolidation", "pulmonary edema/hazy opacity",
                     "pleural effusion")
-THRESHOLDS_FILE = "thresholds.json"
-FALLBACK_THRESHOLD = 0.5  # for classes without positives or negatives in the validation split
 CLASS_METRICS = ("auc", "ap", "bmac", "f1")
 DETECTION_METRICS = ("miou", "map", "map_50", "acc50")
 BOOTSTRAP_ALPHA = 0.05
@@ -90,6 +88,13 @@ class Predictions:
     global_scores: np.ndarray  # [N, F]
     region_labels: np.ndarray  # [N, R, F] 1 / 0 / -1
     global_labels: np.ndarray  # [N, F] 1 / 0 / -1
+
+    def labels(self, unmentioned_as_negative: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(global `[N, F]`, region `[N, R, F]`) labels under the label policy: unmentioned (-1) becomes absent (0)
+        under the Chest ImaGenome practice; otherwise it stays unknown."""
+        if not unmentioned_as_negative:
+            return self.global_labels, self.region_labels
+        return np.clip(self.global_labels, 0, None), np.clip(self.region_labels, 0, None)
 
 
 @torch.no_grad()
@@ -127,11 +132,6 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
 @functools.cache
 def _metric(name: str):
     return load_metric(name, keep_in_memory=True)
-
-
-def apply_label_policy(labels: np.ndarray, unmentioned_as_negative: bool) -> np.ndarray:
-    """Unmentioned (-1) becomes absent (0) under the Chest ImaGenome practice; otherwise it stays unknown."""
-    return np.clip(labels, 0, None) if unmentioned_as_negative else labels
 
 
 def _float_or_none(value) -> float | None:
@@ -297,8 +297,7 @@ def compute_metrics(pred: Predictions, region_names, findings, thresholds: dict 
     """
     region_names, findings = list(region_names), list(findings)
     thresholds = thresholds or {"global": {}, "region": {}}
-    global_labels = apply_label_policy(pred.global_labels, unmentioned_as_negative)
-    region_labels = apply_label_policy(pred.region_labels, unmentioned_as_negative)
+    global_labels, region_labels = pred.labels(unmentioned_as_negative)
 
     def threshold_array(table: dict, names: list[str]) -> np.ndarray:
         return np.array([np.nan if table.get(name) is None else table[name] for name in names], dtype=float)
@@ -357,206 +356,6 @@ def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negat
     }
 
 
-# --------------------------------------------------------------------------------------------- thresholds
-def _sha256(parts) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else str(part).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def split_fingerprint(dataset) -> dict:
-    """Image count and hashes of the sorted image ids and of the labels: what "the validation data" means."""
-    ids = dataset["image_id"]
-    order = np.argsort(ids, kind="stable")
-    labels = dataset.select_columns(["region_labels", "global_labels"]).with_format("numpy")
-    region, global_ = labels["region_labels"], labels["global_labels"]
-    return {
-        "num_images": len(ids),
-        "image_ids_sha256": _sha256(sorted(ids)),
-        "labels_sha256": _sha256([np.asarray(region, dtype=np.int8)[order].tobytes(),
-                                  np.asarray(global_, dtype=np.int8)[order].tobytes()]),
-    }
-
-
-def weights_fingerprint(model_dir) -> str:
-    """sha256 over the checkpoint's weight files: thresholds of other weights must not be reused."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no model weights (*.safetensors / pytorch_model*.bin)")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def fit_thresholds(pred: Predictions, region_names, findings, unmentioned_as_negative: bool = True) -> dict:
-    """Balanced-accuracy thresholds of every finding and every (region, finding) pair; None where undefined."""
-    n = len(pred.image_ids)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # most region pairs have no positives; counted in the file (nulls)
-        global_t = select_thresholds(pred.global_scores,
-                                     apply_label_policy(pred.global_labels, unmentioned_as_negative))
-        region_t = select_thresholds(pred.region_scores.reshape(n, -1),
-                                     apply_label_policy(pred.region_labels, unmentioned_as_negative).reshape(n, -1))
-    names = [f"{r}|{f}" for r in region_names for f in findings]
-    return {
-        "global": {f: _float_or_none(t) for f, t in zip(findings, global_t)},
-        "region": {name: _float_or_none(t) for name, t in zip(names, region_t)},
-    }
-
-
-def same_validation(saved: dict | None, current: dict) -> bool:
-    """Same data set, split and hashes (the folder may have moved: its path is recorded, not compared)."""
-    keys = ("dataset", "split", "num_images", "image_ids_sha256", "labels_sha256")
-    return saved is not None and all(saved.get(k) == current[k] for k in keys)
-
-
-def thresholds_cover(saved: dict, region_names, findings) -> bool:
-    return all(f in saved["global"] for f in findings) and all(
-        f"{r}|{f}" in saved["region"] for r in region_names for f in findings)
-
-
-def decision_thresholds(model, processor, model_dir, findings, validation=None, unmentioned_as_negative: bool = True,
-                        recompute: bool = False, batch_size: int = 32, progress: bool = True) -> tuple[dict, dict]:
-    """The thresholds for `findings` and where they came from: ``thresholds.json`` or a fresh validation fit.
-
-    `validation`: None, or ``(dataset, {"dataset", "data", "split"})`` of the validation split (loaded with these
-    `findings`). The saved file is reused when it covers `findings` and its weights hash, label policy and (given
-    `validation`) validation hashes match; otherwise the thresholds are fitted on `validation` and saved, merged
-    with the saved ones when those came from the same validation data and weights.
-    """
-    path = Path(model_dir) / THRESHOLDS_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    weights = weights_fingerprint(model_dir)
-    region_names = list(model.config.region_names)
-    source = None
-    if validation is not None:
-        dataset, description = validation
-        source = {**description, **split_fingerprint(dataset)}
-    same_origin = (saved is not None and saved.get("weights_sha256") == weights
-                   and saved.get("unmentioned_as_negative") == unmentioned_as_negative
-                   and (source is None or same_validation(saved.get("validation"), source)))
-    if same_origin and not recompute and thresholds_cover(saved, region_names, findings):
-        return saved, {"file": str(path), "reused": True, "validation": saved["validation"]}
-    if validation is None:
-        if saved is None:
-            problem = "does not exist"
-        elif not same_origin:
-            problem = "was fitted for other weights or another label policy"
-        else:
-            problem = "lacks some of the requested findings"
-        raise ValueError(f"decision thresholds: {path} {problem}, and no validation data was given to fit them "
-                         "(IU-Xray: pass --threshold-data with a Chest ImaGenome-layout root)")
-    if recompute or not same_origin:
-        saved = None
-    pred = predict(model, processor, validation[0], findings, batch_size, progress)
-    fitted = fit_thresholds(pred, region_names, findings, unmentioned_as_negative)
-    thresholds = {
-        "criterion": "maximum balanced accuracy (Youden's J) on the validation split; positive when score >= "
-                     f"threshold; null = no positives or negatives there, {FALLBACK_THRESHOLD} is used",
-        "unmentioned_as_negative": unmentioned_as_negative,
-        "weights_sha256": weights,
-        "validation": source,
-        "global": {**(saved or {}).get("global", {}), **fitted["global"]},
-        "region": {**(saved or {}).get("region", {}), **fitted["region"]},
-    }
-    path.write_text(json.dumps(thresholds, indent=1) + "\n")
-    return thresholds, {"file": str(path), "reused": False, "validation": source}
-
-
-# -------------------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_roc_curves(scores: np.ndarray, labels: np.ndarray, names: list[str], aucs: dict, path) -> None:
-    """One small ROC panel per class (known labels only); undefined classes get an empty, labelled panel."""
-    from sklearn.metrics import roc_curve
-
-    plt = _pyplot()
-    cols = min(5, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    for ax, (c, name) in zip(axes.flat, enumerate(names)):
-        known = labels[:, c] >= 0
-        ax.plot([0, 1], [0, 1], color="0.8", lw=0.8)
-        if aucs.get(name) is None:
-            ax.text(0.5, 0.5, "undefined", ha="center", va="center", color="0.4")
-        else:
-            fpr, tpr, _ = roc_curve(labels[known, c], scores[known, c])
-            ax.plot(fpr, tpr, lw=1.5)
-        title = name if len(name) <= 28 else name[:26] + "..."
-        ax.set_title(f"{title}\nAUC {aucs[name]:.3f}" if aucs.get(name) is not None else title, fontsize=7)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.supxlabel("false positive rate", fontsize=8)
-    fig.supylabel("true positive rate", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_region_heatmap(per_class: dict, region_names, findings, path) -> None:
-    """Regions x findings heat map of anatomy-wise AUC; grey = not a class of this split or undefined."""
-    plt = _pyplot()
-    matrix = np.full((len(region_names), len(findings)), np.nan)
-    for i, region in enumerate(region_names):
-        for j, finding in enumerate(findings):
-            value = per_class.get(f"{region}|{finding}", {}).get("auc")
-            matrix[i, j] = np.nan if value is None else value
-    fig, ax = plt.subplots(figsize=(2.5 + 0.32 * len(findings), 1.5 + 0.26 * len(region_names)))
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("0.9")
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    for i, j in zip(*np.nonzero(np.isfinite(matrix))):
-        ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=4.5)
-    ax.set_xticks(range(len(findings)), [f if len(f) <= 24 else f[:22] + "..." for f in findings], rotation=60,
-                  ha="right", fontsize=6)
-    ax.set_yticks(range(len(region_names)), region_names, fontsize=6)
-    ax.set_title("anatomy-wise AUC (region x finding)", fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02).ax.tick_params(labelsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_boxes(dataset, pred: Predictions, region_names, path, num_images: int = 4) -> None:
-    """Predicted (dashed) and true (solid) region boxes on evenly spaced images of the split."""
-    from modeling_anatomy_vlm.image_processing_anatomy_vlm import load_grayscale
-
-    plt = _pyplot()
-    paths = dict(zip(dataset["image_id"], (image["path"] for image in dataset["image"])))
-    picks = np.unique(np.linspace(0, len(pred.image_ids) - 1, min(num_images, len(pred.image_ids))).astype(int))
-    colours = plt.get_cmap("hsv")(np.linspace(0, 1, len(region_names), endpoint=False))
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.6 * len(picks), 4.0), squeeze=False)
-    for ax, n in zip(axes[0], picks):
-        ax.imshow(load_grayscale(paths[pred.image_ids[n]]), cmap="gray", vmin=0, vmax=1)
-        for r in range(len(region_names)):
-            for box, style in ((pred.true_boxes[n, r], "-"), (pred.pred_boxes[n, r], "--")):
-                if np.isfinite(box).all():
-                    ax.add_patch(plt.Rectangle(tuple(box[:2]), box[2] - box[0], box[3] - box[1], fill=False, lw=0.7,
-                                               ls=style, edgecolor=colours[r]))
-        ax.set_title(str(pred.image_ids[n])[:24], fontsize=7)
-        ax.axis("off")
-    fig.suptitle("region boxes: true solid, predicted dashed (colour = region)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------- running
 def load_checkpoint(path):
     from transformers import AutoModel, AutoProcessor
@@ -608,8 +407,9 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
         validation = (load_split("imagenome", threshold_data, threshold_split, region_names, findings),
                       {"dataset": "imagenome", "data": str(Path(threshold_data).resolve()), "split": threshold_split})
     thresholds, threshold_info = decision_thresholds(
-        model, processor, model_dir, findings, validation, unmentioned_as_negative, recompute_thresholds, batch_size,
-        progress)
+        model_dir, region_names, findings, validation,
+        lambda dataset: predict(model, processor, dataset, findings, batch_size, progress),
+        unmentioned_as_negative, recompute_thresholds)
 
     pred = predict(model, processor, test_set, findings, batch_size, progress)
     tasks = ("global",) if dataset == "iu_xray" else ("global", "region", "detection", "laterality")
@@ -623,7 +423,7 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["plots"] = []
     if plots:
-        plot_roc_curves(pred.global_scores, apply_label_policy(pred.global_labels, unmentioned_as_negative), findings,
+        plot_roc_curves(pred.global_scores, pred.labels(unmentioned_as_negative)[0], findings,
                         {f: v["auc"] for f, v in metrics["global"]["per_class"].items()}, out_dir / "roc_global.png")
         metrics["plots"].append("roc_global.png")
         if metrics["region"] is not None:

@@ -43,6 +43,7 @@ from train.config import DEFAULT_CONFIG, REPO_ROOT, from_dict, load_config
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint
 from train.eval.zero_shot import run_evaluation
+from train.text.cache import cache_folder
 
 # variant name -> (table label, enabled losses in `train.config.LOSSES` names)
 VARIANTS = {
@@ -79,9 +80,10 @@ def variant_config(cfg: dict, losses, output_dir) -> dict:
 def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
     """Train (or reuse, or resume) one variant; returns its model folder.
 
-    `text_cache`: another variant's ``text_cache.safetensors``. The frozen text tower and the training texts are the
-    same in every variant, so it is copied in rather than rebuilt (`TextEmbeddingCache.load_or_build` still checks
-    the encoder fingerprint and the texts before using it).
+    `text_cache`: another variant's ``text_cache.safetensors``, the path the trainer passes for its cache folder
+    ``text_cache/`` (`train.text.cache.cache_folder`). The frozen text tower and the training texts are the same in
+    every variant, so the folder is copied in rather than rebuilt (`TextEmbeddingCache.load_or_build` still checks
+    the encoder fingerprint and embeds any text it lacks).
     """
     output_dir = Path(cfg["training"]["output_dir"])
     model_dir = output_dir / "model"
@@ -93,10 +95,9 @@ def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
     resume = "latest" if same_config and latest_checkpoint(output_dir) else None
     if not same_config and output_dir.exists():
         shutil.rmtree(output_dir)  # outputs of another config must not be mixed with this run's
-    target = output_dir / "text_cache.safetensors"
-    if text_cache is not None and text_cache.is_file() and not target.exists():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(text_cache, target)
+    target = cache_folder(output_dir / "text_cache.safetensors")
+    if text_cache is not None and (cache_folder(text_cache) / "manifest.json").is_file() and not target.exists():
+        shutil.copytree(cache_folder(text_cache), target)
     train(from_dict(copy.deepcopy(cfg)), resume=resume)
     return model_dir
 

@@ -180,14 +180,17 @@ class TextEmbeddingCache:
 
     def _locate(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of `vectors` for `[n, 2]` hashes, and whether each was found (rows of missing ones are 0)."""
-        hi, lo = np.ascontiguousarray(hashes[:, 0]), np.ascontiguousarray(hashes[:, 1])
+        hi, lo = hashes[:, 0], hashes[:, 1]
         sorted_hi, sorted_lo, rows = self.index
         if len(self) == 0:
             return np.zeros(len(hi), np.intp), np.zeros(len(hi), bool)
-        at = np.minimum(np.searchsorted(sorted_hi, hi), len(self) - 1)
-        found = (sorted_hi[at] == hi) & (sorted_lo[at] == lo)
+        order = np.argsort(hi)  # increasing keys let each binary search start from the previous one's result
+        at = np.empty(len(hi), np.intp)
+        at[order] = np.minimum(np.searchsorted(sorted_hi, hi[order]), len(self) - 1)
+        same_hi = sorted_hi[at] == hi
+        found = same_hi & (sorted_lo[at] == lo)
         # A hi word shared by two texts (about n^2 / 2^65): scan the run of equal hi words for the lo word.
-        shared = np.flatnonzero(~found & (sorted_hi[at] == hi))
+        shared = np.flatnonzero(same_hi & ~found)
         for i in shared:
             j = at[i] + 1
             while j < len(self) and sorted_hi[j] == hi[i]:

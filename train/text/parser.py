@@ -51,7 +51,7 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
     "atelectasis": (r"(?:sub)?atelecta(?:sis|ses|tic(?: changes?)?)", r"collapse of the (?:\w+\s+){0,2}lobe"),
     "pleural effusion": (r"(?:pleural )?effusions?", r"pleural fluid", r"hydrothorax"),
     "costophrenic angle blunting": (
-        r"blunt(?:ing|ed)(?: of)?(?: the)?" + _SIDE_WORD + r"\s+" + _ANGLE,
+        r"blunt(?:ing|ed)(?: of)?(?: the)?(?:\s+[\w-]+){0,3}?\s+(?:" + _ANGLE + r"|sulc(?:us|i)|angles?|recess(?:es)?)",
         _ANGLE + r"(?:\s+\w+){0,2}?\s+(?:is|are|remains?|xxxx)\s+(?:\w+\s+)?blunted",
     ),
     "pneumothorax": (r"pneumothora(?:x|ces)", r"ptx"),
@@ -60,33 +60,37 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
     ),
     "vascular congestion": (
         r"(?:pulmonary )?(?:vascular|venous) (?:congestion|engorgement|prominence|redistribution)",
-        r"congest(?:ion|ed)", r"(?:vascular )?cephali[sz]ation",
+        r"congest(?:ion|ed)", r"(?:vascular )?congestive changes", r"(?:vascular )?cephali[sz]ation",
+        r"prominen(?:t|ce of)(?: the)?(?: central| upper lobe)? (?:pulmonary )?vascula(?:rity|ture|r markings)",
+        r"(?:pulmonary )?vascula(?:rity|ture)(?:\s+\w+){0,2}?\s+(?:is|are|appears?|remains?)\s+(?:\w+ly\s+)?prominent",
     ),
     "enlarged cardiac silhouette": (
         r"cardiomegaly",
-        r"enlarge(?:d|ment of)(?: the)? (?:heart|cardiac (?:silhouette|shadow|size)|cardio-?mediastinal silhouette)",
+        r"enlarge(?:d|ment (?:of|in))(?: the)? (?:heart|cardiac (?:silhouette|shadow|size)|cardio-?mediastinal silhouette)",
         r"cardiac enlargement", r"increase(?:d)? in (?:the )?size of the (?:heart|cardiac silhouette)",
-        _HEART + _COPULA + r"(?:\s+not)?(?:\s+\w+ly)?\s+(?:enlarged|large|increased)",
+        _HEART + _COPULA + r"(?:\s+not)?(?:\s+(?!and\b|but\b|with\b|normal\b)[\w-]+){0,3}?\s+(?:enlarged|large|increased)",
         r"borderline (?:heart size|cardiac size|cardiac silhouette|enlarged heart)",
         _HEART + _COPULA + r"\s+borderline(?:\s+(?:enlarged|in size))?",
     ),
     "mass/nodule (not otherwise specified)": (
-        r"nodules?", r"nodular opacit(?:y|ies)", r"nodular densit(?:y|ies)", r"mass(?:es)?",
+        r"nodules?", r"non-?\s?calcified (?:[\w-]+\s+){0,3}?(?:nodules?|granulom(?:a|as|ata)|densit(?:y|ies))",
+        r"nodular opacit(?:y|ies)", r"nodular densit(?:y|ies)", r"mass(?:es)?",
         r"(?:cavitary|pulmonary|lung|parenchymal|spiculated) lesions?", r"cavitation",
     ),
-    "calcified nodule": (r"calcified (?:nodules?|nodular densit(?:y|ies))",),
+    "calcified nodule": (r"calcified (?:[\w-]+\s+){0,3}?(?:nodules?|nodular densit(?:y|ies))", r"calcified densit(?:y|ies)"),
     "granulomatous disease": (
         r"(?:prior |old |previous |remote )?granulomatous (?:disease|infection|exposure|process|changes?)",
-        r"histoplasmosis",
+        r"histoplasmosis(?: infection)?",
     ),
-    "pneumonia": (r"(?:broncho)?pneumonias?", r"pneumonitis", r"infection", r"infectious process"),
+    "pneumonia": (r"(?:broncho)?pneumonias?", r"pneumonitis", r"infection", r"infectious (?:process|infiltrates?)"),
     "copd/emphysema": (
         r"emphysema(?:tous(?: changes?)?)?", r"copd", r"chronic obstructive (?:pulmonary|lung|airways?) disease",
     ),
     "hyperaeration": (r"hyper-?(?:inflat(?:ed|ion)|expan(?:ded|sion)|aerat(?:ed|ion))", r"over-?inflat(?:ed|ion)"),
     "low lung volumes": (
-        r"low(?: lung| inspiratory)? volumes?", r"lung volumes?" + _COPULA + r"(?:\s+\w+)?\s+low",
-        r"(?:hypo|under)-?(?:inflat(?:ed|ion)|expan(?:ded|sion))", r"poorly (?:inflated|expanded|aerated)",
+        r"(?:low|lower|decreased|diminished|reduced)(?: lung| inspiratory)? volumes?",
+        r"lung volumes?" + _COPULA + r"(?:\s+\w+)?\s+low",
+        r"(?:hypo|under)[- ]?(?:inflat(?:ed|ion)|expan(?:ded|sion))", r"poorly (?:inflated|expanded|aerated)",
         r"(?:poor|shallow|low) inspiration", r"low volume (?:study|film|exam)",
     ),
     "elevated hemidiaphragm": (
@@ -103,8 +107,9 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
         r"osteophytes?", r"osteophytic (?:changes?|spurring|lipping)", r"dish",
     ),
     "tortuous aorta": (
-        r"tortuo(?:us|sity)(?: of)?(?: the)?(?:\s+(?:thoracic|descending|ascending))?\s+aort(?:a|ic arch)",
-        r"aort(?:a|ic)(?:\s+(?:arch|knob))?(?:\s+\w+){0,3}?\s+tortuo(?:us|sity)",
+        r"tortu?r?o(?:us|sity)(?: of)?(?: the)?(?:\s+(?:thoracic|descending|ascending|abdominal)){0,2}\s+aort(?:a|ic arch)",
+        r"tortu?r?o(?:us|sity)(?:/[\w-]+)?(?:,?\s+(?:and\s+)?[\w-]+){0,3}?\s+aort(?:a|ic arch)",
+        r"aort(?:a|ic)(?:\s+(?:arch|knob))?(?:[\s/]+\w+){0,3}?[\s/]+tortu?r?o(?:us|sity)",
     ),
     "rib fracture": (
         r"rib fractures?", r"fractures? (?:\w+\s+){0,4}?(?:of|on|in|involving) (?:the )?(?:\w+\s+){0,4}?ribs?",
@@ -116,6 +121,8 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
     "spinal fracture": (
         r"(?:vertebral |spinal |burst )?compression (?:fractures?|deformit(?:y|ies))", r"(?:vertebral|spinal) fractures?",
         r"fractures? of (?:a|the) (?:\w+\s+){0,3}vertebra(?:e|l bod(?:y|ies))?",
+        r"fractures? (?:of|at|in|involving) (?:the )?[tl]\d{1,2}",
+        r"[tl]\d{1,2} (?:vertebral (?:body )?)?(?:compression )?fractures?",
         r"wedg(?:e|ing)(?: xxxx| compression)? deformit(?:y|ies)", r"wedg(?:e|ing) of (?:a|the|\w+) (?:\w+\s+){0,2}vertebra\w*",
         r"(?:xxxx )?deformit(?:y|ies) (?:of|at|in|involving) (?:the )?(?:[tl]\d{1,2}|\w+ vertebra\w*|vertebra\w*"
         r"|thoracolumbar junction)",
@@ -128,8 +135,12 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
         r"dobb?hoff(?: feeding)?(?: tubes?)?",
     ),
     None: (
-        r"pericardial effusions?", r"chest tubes?", r"mass effect", r"soft tissue (?:edema|mass|densit(?:y|ies))",
-        r"degenerative (?:changes?|disease) (?:of|in|at) the (?:\w+\s+)?(?:shoulders?|ac joints?|acromioclavicular joints?)",
+        r"pericardial effusions?", r"chest tubes?", r"(?:tuberculosis|tuberculous|tb|mycobacterial) infection",
+        r"mass effect", r"soft tissue (?:edema|mass|densit(?:y|ies))",
+        r"degenerative (?:\w+ )?(?:changes?|disease)(?:\s+\w+){0,2}? (?:of|in|at|within|involving) (?:the |both )?"
+        r"(?:\w+\s+)?(?:shoulders?"
+        r"|glenohumeral(?: joints?)?|ac joints?|acromioclavicular joints?|knees?|hips?|costochondral(?: junctions?)?"
+        r"|sternoclavicular(?: joints?)?|elbows?|wrists?|hands?)", r"tricompartmental degenerative changes?",
         r"bone densit(?:y|ies)", r"breast (?:mass|densit(?:y|ies)|tissue densit(?:y|ies))", r"subcutaneous emphysema",
     ),
 }
@@ -139,7 +150,7 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
 COMPOUND_SYNONYMS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("calcified nodule", "granulomatous disease"): (
         r"(?:calcified )?granulom(?:a|as|ata)",
-        r"(?:(?:pulmonary|parenchymal|lung|scattered|punctate|multiple) )?calcifications?(?:\s+\w+){0,3}?\s+"
+        r"(?:(?:pulmonary|parenchymal|lung|scattered|punctate|multiple) )?calcifications?(?:[\s,]+\w+){0,3}?[\s,]+"
         r"(?:compatible with|consistent with|from|due to|related to|of|suggest\w*|representing) (?:\w+\s+)?"
         r"granulomatous (?:disease|infection|exposure|process|changes?)",
     ),
@@ -149,8 +160,9 @@ COMPOUND_SYNONYMS: dict[tuple[str, ...], tuple[str, ...]] = {
 # Normal statements: findings stated absent without a negation word
 # ---------------------------------------------------------------------------------------------------
 
-_NORMAL = (r"normal(?:\s+in\s+(?:size|caliber|appearance|configuration))?|(?:of\s+)?normal\s+size|within\s+(?:the\s+)?"
-           r"normal\s+limits|unremarkable|upper\s+limits?\s+of\s+normal|top\s+normal|high\s+normal")
+_NORMAL = (r"normal(?:\s+in\s+(?:size|caliber|appearance|configuration))?|(?:of\s+)?normal\s+size"
+           r"|within\s+(?:the\s+)?normal\s+limits|within\s+limits\s+of\s+normal|unremarkable"
+           r"|(?:(?:at|near)\s+(?:the\s+)?)?(?:upper\s+limits?\s+of\s+normal|top\s+normal|high\s+normal)")
 _LUNGS = r"lungs?|lung (?:fields?|bases?|base|zones?|apices|apex|parenchyma)|(?:right|left) lung(?: base)?"
 
 
@@ -198,9 +210,11 @@ _AFTER_COPULA = frozenset({
     "otherwise", "grossly", "again", "relatively", "both", "also", "still", "now", "overall", "essentially",
     "and", ",", "bilaterally", "stable", "well", "currently", "largely", "mostly", "expanded", "inflated",
     "clear", "normal", "unremarkable", "aerated", "well-expanded", "well-inflated", "well-aerated", "fully",
-    "normally", "xxxx", "___",
+    "normally", "xxxx", "___", "at", "the", "near",
 })
-_MAX_LIST_WORDS = 10
+_MAX_LIST_WORDS = 12
+_MAX_NORMAL_DISTANCE = 160  # characters between a subject and its predicate
+_BUT_OTHERWISE = re.compile(r"\bbut\s+otherwise\s*$")
 
 # ---------------------------------------------------------------------------------------------------
 # Default region of every finding (the single table of region choices)
@@ -270,13 +284,13 @@ ZONE_TERMS: tuple[tuple[str, str, str | None], ...] = (
     (r"lungs?|hemithora(?:x|ces)", "lung", None),
 )
 # A zone named by a singular noun ("at the apex", "in the lower lobe") without a side word has an unknown side.
-_SINGULAR_ZONE = re.compile(r"(?:apex|base|lobe|lung|zone|field|hilum|hilus|hemithorax|angle|sulcus|recess)$")
+_SINGULAR_ZONE = re.compile(r"(?:apex|base|lobe|lung|zone|field|hilum|hilus|hemithorax|angle|sulcus|recess|xxxx)$")
 
 _SIDE_TERMS = (
     (r"right", ("right",)),
     (r"left", ("left",)),
     (r"bilateral(?:ly)?|bibasilar|bibasal|biapical|both(?=\s+(?:the\s+)?(?:lungs?|sides|bases|lung|hemithora|apices"
-     r"|upper|lower|mid|middle|costophrenic|cp|hil|hemidiaphragms|pleural))", ("right", "left")),
+     r"|upper|lower|mid|middle|costophrenic|cp|hil|hemidiaphragms|pleural|lateral|posterior))", ("right", "left")),
 )
 
 # Severity words (for Mention.severity and the severity-swap perturbation).
@@ -296,6 +310,7 @@ NEGATED, UNCERTAIN, PSEUDO, TERMINATE = "negated", "uncertain", "pseudo", "termi
 PRE, POST, ALT = "pre", "post", "alt"
 
 _SEEN = r"(?:seen|identified|visualized|visualised|appreciated|demonstrated|present|evident|detected|noted|observed|visible)"
+_FUNCTION_WORD = r"(?:at|in|on|of|is|are|was|were|with|to|and|or|the|a|an|for|by|from|xxxx)"
 _HEDGE_CAUSE = r"(?:represent\w*|reflect\w*|due|related|secondary|indicat\w*|suggest\w*)"
 
 # (pattern, kind, direction). PSEUDO triggers contain a trigger word but are not triggers ("no change in");
@@ -326,20 +341,23 @@ CONTEXT_TRIGGERS: tuple[tuple[str, str, str], ...] = (
      r"|equivocal|borderline", UNCERTAIN, PRE),
     (r"(?:may|could|might|can) (?:also )?(?:represent|reflect|be|indicate|suggest|relate)", UNCERTAIN, PRE),
     (r"suggestive of|suggests?|suggesting|suggestion of|concerning for|concern for|worrisome for|suspicious for"
-     r"|cannot exclude|can't exclude|cannot rule out|differential (?:diagnosis )?includes?|correlat(?:e|ion) for",
+     r"|cannot exclude|can't exclude|cannot rule out|differential (?:diagnosis )?includes?|correlat(?:e|ion) for"
+     r"|suspicion (?:for|of)",
      UNCERTAIN, PRE),
     # a redaction in front of a causal word or in an apposition hides likely/probably ("opacity, XXXX atelectasis")
-    (r"xxxx(?=\s+" + _HEDGE_CAUSE + r")|(?<=, )xxxx(?=\s+[a-z])", UNCERTAIN, PRE),
+    (r"xxxx(?=\s+" + _HEDGE_CAUSE + r")|(?<=, )xxxx(?=\s+(?!" + _FUNCTION_WORD + r"\b)[a-z])|most xxxx", UNCERTAIN, PRE),
     # alternatives: "atelectasis or scarring", "atelectasis versus infiltrate", "scarring/atelectasis"
     (r"or|and/or|versus|vs\.?", UNCERTAIN, ALT),
     ("/", UNCERTAIN, ALT),
     # uncertainty, scope backward
-    (r"(?:cannot|can not|could not|not) be (?:entirely |completely )?(?:excluded|ruled out)|(?:is|are)? ?not (?:excluded|ruled out)"
-     r"|(?:is|are)? ?difficult to exclude|(?:is|are) (?:possible|suspected|likely|questioned|not excluded)",
+    (r"(?:cannot|can not|could not|not) be (?:entirely |completely )?(?:excluded|ruled out)"
+     r"|(?:is|are)? ?not (?:excluded|ruled out)"
+     r"|(?:is|are)? ?difficult to exclude|(?:is|are) (?:possible|suspected|likely|questioned|not excluded)(?=\s*(?:[.,;]|$))",
      UNCERTAIN, POST),
     # pseudo-triggers: contain a trigger word but negate nothing
     (r"no (?:significant |interval |appreciable |substantial )*(?:change|increase|decrease|worsening|improvement)"
      r"|not (?:significantly )?changed|without (?:significant |interval )*change|not only|no longer (?:requires?|needed)"
+     r"|without (?:a |the )?(?:prior |previous )?(?:comparisons?|priors?|lateral view)"
      r"|not (?:well |clearly )?(?:seen|visualized|present|identified|evident|demonstrated|appreciated) "
      r"(?:on|in) (?:the )?(?:prior|previous|earlier|preceding|old|comparison)(?: \w+)?|gram-negative|rule out\b(?= \w+ on)",
      PSEUDO, PRE),
@@ -347,6 +365,7 @@ CONTEXT_TRIGGERS: tuple[tuple[str, str, str], ...] = (
     (r"but|however|although|though|aside from|apart from|except|whereas|while|otherwise|nevertheless|which"
      r"|and (?:the|there)", TERMINATE, PRE),
     (";", TERMINATE, PRE),
+    ("(", TERMINATE, PRE),
 )
 
 # Words that bound the two alternatives of an ALT trigger ("opacities compatible with scarring or atelectasis":
@@ -364,13 +383,12 @@ _HEDGE_STOP = re.compile(r"(?<!consistent )(?<!compatible )\bwith\b")
 _INHERIT_OPENERS = re.compile(
     r"^(?:likely|probably|possibly|possible|which|may|could|might|concerning|suggest\w*|suspicious|worrisome"
     r"|consistent|compatible|representing|reflecting|due|adjacent|associated|compressive|subjacent|overlying|adjoining"
-    r"|xxxx)\b"
+    r"|xxxx|most)\b"
 )
 _ADJACENCY_OPENERS = re.compile(r"^(?:adjacent|associated|compressive|subjacent|overlying|adjoining)\b")
 _CONNECTORS = re.compile(r"^(?:and|with|without|or|but|which|as well as|plus)\s+")
-# A chunk that only places the previous chunk's findings: "calcified granuloma, right base".
-_POSTPOSED_LOCATION = re.compile(r"^(?:(?:in|at|on|within|of|involving|projecting over|overlying) )?(?:the )?"
-                                 r"(?:right|left|bilateral|both|bibasilar)\b")
+# Findings spread through a lung or both: placed only by their own location words.
+_DIFFUSE = frozenset({"pulmonary edema/hazy opacity", "vascular congestion", "copd/emphysema", "hyperaeration"})
 # Chunk (location) boundaries inside a clause.
 # ("mid and lower zones" and "consistent with" are not boundaries.)
 _CHUNK_BOUNDARY = re.compile(
@@ -400,13 +418,15 @@ _FINDING_PATTERNS = [((label,), _compile(p)) for label, p in FINDING_SYNONYMS.it
 _FINDING_PATTERNS += [(labels, _compile(p)) for labels, p in COMPOUND_SYNONYMS.items()]
 _NORMAL_PATTERNS = [(rule, _compile([rule.subject]), _compile([rule.predicate])) for rule in NORMAL_RULES]
 _TRIGGER_PATTERNS = [
-    (re.compile(p) if p in (";", "/") else _compile([p]), kind, direction) for p, kind, direction in CONTEXT_TRIGGERS
+    (re.compile(re.escape(p)) if p in (";", "/", "(") else _compile([p]), kind, direction)
+    for p, kind, direction in CONTEXT_TRIGGERS
 ]
 _ZONE_PATTERNS = [(_compile([p]), zone, side) for p, zone, side in ZONE_TERMS]
 _SIDE_PATTERNS = [(re.compile(r"\b(?:" + p + r")\b"), sides) for p, sides in _SIDE_TERMS]
 _ZONE_ORDER = tuple(dict.fromkeys(zone for _, zone, _ in ZONE_TERMS))
 _SEVERITY_PATTERN = re.compile(r"\b(" + "|".join(SEVERITY_WORDS) + r")\b")
 _WORDS = re.compile(r"[\w'-]+|[,;:()]")
+_PAIRED_PLURAL = re.compile(r"\b(?:effusions|angles|sulci|recesses|hemidiaphragms|diaphragms|clavicles)\b")
 
 # ---------------------------------------------------------------------------------------------------
 # Parser
@@ -473,6 +493,8 @@ def _longest_non_overlapping(spans: list[_Span]) -> list[_Span]:
 
 def _normal_binds(low: str, gap: tuple[int, int], findings: list[_Span], predicate_first: bool) -> bool:
     """Whether the words between a normal rule's subject and predicate keep them in one statement."""
+    if not predicate_first and _BUT_OTHERWISE.search(low, gap[0], gap[1]):
+        return len(_WORDS.findall(low[gap[0]:gap[1]])) <= _MAX_LIST_WORDS  # "lungs are hyperinflated but otherwise clear"
     if any(gap[0] < f.end and f.start < gap[1] for f in findings):
         return False  # another finding in between: "normal heart size, mild edema and clear lungs"
     words = _WORDS.findall(low[gap[0]:gap[1]])
@@ -497,6 +519,8 @@ def _find_normal_statements(low: str, findings: list[_Span]) -> list[_Span]:
             if any(f.start < subject.end() and subject.start() < f.end for f in findings):
                 continue  # "low lung volumes": the subject is part of a finding term
             for predicate in predicates:
+                if abs(predicate.start() - subject.start()) > _MAX_NORMAL_DISTANCE:
+                    continue
                 if predicate.start() >= subject.end():
                     binds = _normal_binds(low, (subject.end(), predicate.start()), findings, predicate_first=False)
                 elif predicate.end() <= subject.start():
@@ -580,32 +604,39 @@ class _Location:
     sides: set[str] = field(default_factory=set)  # sides named or implied
     zones: set[str] = field(default_factory=set)
     singular: bool = False  # every zone word is a singular noun ("the base"): no side means an unknown side
+    first: int = -1  # offset of its first side/zone word in the sentence
 
     def __bool__(self) -> bool:
         return bool(self.sides or (self.zones - {"lung"}))
 
 
-def _location(text: str) -> _Location:
-    """Sides and zones named in a chunk (sides implied by zone words, e.g. "lingula", count when none is named)."""
-    sides, zones, implied, words = set(), set(), set(), []
+def _location(low: str, start: int, end: int) -> _Location:
+    """Sides and zones named in low[start:end] (sides implied by zone words, e.g. "lingula", count when none is named)."""
+    sides, zones, implied, words, offsets = set(), set(), set(), [], []
     for pattern, side_names in _SIDE_PATTERNS:
-        if pattern.search(text):
+        for match in pattern.finditer(low, start, end):
             sides.update(side_names)
+            offsets.append(match.start())
     for pattern, zone, side in _ZONE_PATTERNS:
-        for match in pattern.finditer(text):
+        for match in pattern.finditer(low, start, end):
             zones.add(zone)
             words.append(match.group())
+            if zone != "lung":
+                offsets.append(match.start())
             if side:
                 implied.add(side)
     specific = [w for w in words if not re.fullmatch(r"lungs?|hemithora(?:x|ces)", w)]
     singular = bool(specific) and all(_SINGULAR_ZONE.search(w) for w in specific)
-    return _Location(sides or implied, zones, singular)
+    return _Location(sides or implied, zones, singular, min(offsets, default=-1))
 
 
-def _regions_for(finding: str, location: _Location) -> list[str | None]:
-    """Apply `REGION_RULES` to a finding whose chunk names `location`."""
+def _regions_for(finding: str, location: _Location, plural: bool = False) -> list[str | None]:
+    """Apply `REGION_RULES` to a finding whose chunk names `location`; a paired structure named in the plural
+    without a side ("small effusions", "blunting of the costophrenic angles") is on both sides."""
     rule = REGION_RULES[finding]
     ordered_sides = [s for s in ("right", "left") if s in location.sides]
+    if plural and not ordered_sides and rule is not None and "{side}" in rule:
+        ordered_sides = ["right", "left"]
     if rule is None:
         return [None]
     if rule == LOCATED:
@@ -629,45 +660,96 @@ def _severity(low: str, chunk: tuple[int, int], finding: _Span) -> str | None:
     return SEVERITY_WORDS[inside.group(1)] if inside else None
 
 
-def _alternative_scope(low: str, trigger: _Span, clause: tuple[int, int]) -> tuple[int, int]:
-    """The two alternatives around an ALT trigger: back to the previous stop word, on to the next one."""
-    before = [m.end() for m in _ALTERNATIVE_STOP.finditer(low, clause[0], trigger.start)]
-    after = _ALTERNATIVE_STOP.search(low, trigger.end, clause[1])
-    return (before[-1] if before else clause[0]), (after.start() if after else clause[1])
+@dataclass(frozen=True)
+class Scope:
+    """A NEGATED or UNCERTAIN trigger and the stretch of its clause it applies to (ConText)."""
+
+    trigger: _Span
+    start: int
+    end: int
+
+    def covers(self, finding: _Span) -> bool:
+        t = self.trigger
+        if t.direction == PRE:  # also a trigger inside a predicate finding ("heart is not enlarged")
+            return finding.end > t.start and finding.start < self.end
+        if t.direction == POST:
+            return self.start <= finding.start < t.end
+        # ALT: the alternatives, not a slash inside the finding's own words ("tortuous/ectatic aorta")
+        return self.start <= finding.start < self.end and not (finding.start <= t.start < finding.end)
 
 
-def covering_triggers(low: str, finding: _Span, triggers: list[_Span], clause: tuple[int, int]) -> list[_Span]:
-    """The NEGATED and UNCERTAIN triggers whose scope covers a finding (ConText).
+def trigger_scopes(low: str, triggers: list[_Span], clause: tuple[int, int]) -> list[Scope]:
+    """The scope of every NEGATED/UNCERTAIN trigger of a clause.
 
-    A PRE trigger covers from itself to the next terminator/pseudo-trigger (and a finding it sits inside:
-    "heart is not enlarged"); a POST trigger from the previous terminator to itself; an ALT trigger the
-    alternatives next to it."""
-    covering = []
+    A PRE trigger reaches from itself to the next terminator or pseudo-trigger (a hedge also stops at "with":
+    "... with blunting"); a POST trigger from the previous terminator to itself; an ALT trigger ("or",
+    "versus", "/") covers the two alternatives next to it, back to the previous and on to the next stop word."""
     in_clause = [t for t in triggers if clause[0] <= t.start < clause[1]]
+    stops = [s for s in in_clause if s.label in (TERMINATE, PSEUDO)]
+    alternative_stops = [(m.start(), m.end()) for m in _ALTERNATIVE_STOP.finditer(low, clause[0], clause[1])]
+    hedge_stops = [m.start() for m in _HEDGE_STOP.finditer(low, clause[0], clause[1])]
+    scopes = []
     for t in in_clause:
         if t.label not in (NEGATED, UNCERTAIN):
             continue
         if t.direction == PRE:
-            stops = [s.start for s in in_clause if s.start >= t.end and s.label in (TERMINATE, PSEUDO)]
-            if t.label == UNCERTAIN:  # a hedge does not reach a finding added with "with" ("... with blunting")
-                stops += [m.start() for m in _HEDGE_STOP.finditer(low, t.end, clause[1])]
-            scope_end = min(stops, default=clause[1])
-            covered = finding.end > t.start and finding.start < scope_end
+            ends = [s.start for s in stops if s.start >= t.end]
+            if t.label == UNCERTAIN:
+                ends += [h for h in hedge_stops if h >= t.end]
+            scopes.append(Scope(t, t.start, min(ends, default=clause[1])))
         elif t.direction == POST:
-            stops = [s.end for s in in_clause if s.end <= t.start and s.label in (TERMINATE, PSEUDO)]
-            covered = max(stops, default=clause[0]) <= finding.start < t.end
+            scopes.append(Scope(t, max((s.end for s in stops if s.end <= t.start), default=clause[0]), t.end))
         else:
-            start, end = _alternative_scope(low, t, clause)
-            covered = start <= finding.start < end and not (t.start <= finding.start < t.end)
-        if covered:
-            covering.append(t)
-    return covering
+            before = [b for a, b in alternative_stops if b <= t.start]
+            after = [a for a, b in alternative_stops if a >= t.end]
+            scopes.append(Scope(t, max(before, default=clause[0]), min(after, default=clause[1])))
+    return scopes
 
 
-def _context(low: str, finding: _Span, triggers: list[_Span], clause: tuple[int, int]) -> tuple[bool, bool]:
+def _context(finding: _Span, scopes: list[Scope]) -> tuple[bool, bool]:
     """(negated, uncertain) of a finding."""
-    kinds = {t.label for t in covering_triggers(low, finding, triggers, clause)}
+    kinds = {scope.trigger.label for scope in scopes if scope.covers(finding)}
     return NEGATED in kinds, UNCERTAIN in kinds
+
+
+@dataclass
+class _Chunk:
+    """A comma/"and"/"with"-delimited part of a clause: the unit that location words apply to."""
+
+    start: int
+    end: int
+    text: str  # lower-cased, without its leading connector
+    location: _Location
+    findings: list[tuple[_Span, bool, bool]]  # (finding, negated, uncertain)
+
+
+def _borrowed_sides(chunks: list[_Chunk], index: int) -> _Location | None:
+    """The location a stated finding without a side shares with its neighbours (`chunks`: its clause, and a
+    relative clause after it that names no finding: "opacity which appears to be within the left lower lobe").
+
+    A location phrase after a coordination covers all of it ("atelectasis and airspace disease in the left base",
+    "calcified granuloma, right base", "atelectasis, most notably in the right middle lobe"); a location before
+    it too ("left lower lobe infiltrate and focal atelectasis")."""
+    after = next((c for c in chunks[index + 1:] if c.location.sides), None)
+    if after is not None and (not after.findings or after.location.first > after.findings[0][0].start):
+        return after.location
+    return next((c.location for c in reversed(chunks[:index]) if c.location.sides), None)
+
+
+def _place(finding: _Span, negated: bool, own: _Location, chunks: list[_Chunk], index: int, low: str) -> _Location:
+    """Where a finding is: its chunk's own location, with sides borrowed from its neighbours when it names none.
+
+    Negated findings, diffuse ones (edema, congestion, emphysema), unsided ones and a paired structure named in
+    the plural ("effusions": both sides) are only placed by their own words."""
+    rule = REGION_RULES[finding.label]
+    if (own.sides or negated or finding.label in _DIFFUSE or not (rule == LOCATED or (rule and "{side}" in rule))
+            or _PAIRED_PLURAL.search(low, finding.start, finding.end)):
+        return own
+    borrowed = _borrowed_sides(chunks, index)
+    if borrowed is None:
+        return own
+    zones = own.zones if own.zones - {"lung"} else borrowed.zones
+    return _Location(set(borrowed.sides), set(zones), False, own.first)
 
 
 def parse_sentence(sentence: str, section: str | None = None) -> list[Mention]:
@@ -677,34 +759,48 @@ def parse_sentence(sentence: str, section: str | None = None) -> list[Mention]:
     if not findings:
         return []
     triggers = _find_triggers(low)
+    clauses = []  # (clause bounds, its chunks)
+    for clause in _split_clauses(low, triggers):
+        scopes = trigger_scopes(low, triggers, clause)
+        chunks = [
+            _Chunk(a, b, _CONNECTORS.sub("", low[a:b].strip(" ,:")), _location(low, a, b),
+                   [(f, *_context(f, scopes)) for f in findings if a <= f.start < b])
+            for a, b in _chunks(low, *clause)
+        ]
+        for before, chunk in zip(chunks, chunks[1:]):
+            if (not before.findings and before.location and chunk.findings and not chunk.location.sides
+                    and low.startswith("and ", chunk.start)):
+                # coordinated locations: "right middle lobe and lower lobe pneumonia"
+                zones = chunk.location.zones - {"lung"}
+                chunk.location = _Location(before.location.sides, before.location.zones | chunk.location.zones,
+                                           before.location.singular and (chunk.location.singular or not zones),
+                                           before.location.first)
+        clauses.append((clause, chunks))
     mentions: list[Mention] = []
     previous: _Location | None = None  # of the last located chunk in the sentence
-    for clause in _split_clauses(low, triggers):
+    for number, (clause, chunks) in enumerate(clauses):
         phrase = sentence[clause[0]:clause[1]].strip(" ,;.")
-        unlocated: list[tuple[_Span, bool, bool, tuple[int, int]]] = []  # findings of the last chunk, if it had no location
-        for chunk in _chunks(low, *clause):
-            chunk_text = _CONNECTORS.sub("", low[chunk[0]:chunk[1]].strip(" ,:"))
-            location = _location(chunk_text)
-            chunk_findings = [(f, *_context(low, f, triggers, clause)) for f in findings if chunk[0] <= f.start < chunk[1]]
-            if not chunk_findings and location and unlocated and _POSTPOSED_LOCATION.match(chunk_text):
-                # "calcified granuloma, right base": this chunk places the previous one's findings
-                for finding, negated, uncertain, finding_chunk in unlocated:
-                    mentions = [m for m in mentions if (m.finding, m.span) != (finding.label, (finding.start, finding.end))]
-                    mentions += _mentions(finding, negated, uncertain, location, low, finding_chunk, phrase, sentence, section)
-                unlocated, previous = [], location
-                continue
-            # an unlocated interpretation of the previous located chunk shares its location: it opens with
-            # an apposition/adjacency word ("..., likely atelectasis") or is only hedged ("though infection
-            # is not excluded")
-            interpretation = _INHERIT_OPENERS.match(chunk_text) or (
-                chunk_findings and all(uncertain and not negated for _, negated, uncertain in chunk_findings))
-            if not location and previous and interpretation:
-                location = _Location(set(previous.sides), set(previous.zones), previous.singular)
-                if _ADJACENCY_OPENERS.match(chunk_text) and not (location.zones - {"lung"}):
-                    location.zones.add("lower lung zone")
-            for finding, negated, uncertain in chunk_findings:
-                mentions += _mentions(finding, negated, uncertain, location, low, chunk, phrase, sentence, section)
-            unlocated = [(f, n, u, chunk) for f, n, u in chunk_findings] if not location else []
+        neighbours = list(chunks)
+        if number + 1 < len(clauses):
+            following = clauses[number + 1][1]
+            if low.startswith("which", following[0].start) and not any(c.findings for c in following):
+                neighbours += following
+        for index, chunk in enumerate(chunks):
+            location = chunk.location
+            # an interpretation of the previous located chunk shares its location: it opens with an
+            # apposition/adjacency word ("..., likely atelectasis", "with adjacent atelectasis") or is only
+            # hedged ("though infection is not excluded")
+            interpretation = _INHERIT_OPENERS.match(chunk.text) or (chunk.findings and all(
+                uncertain and not negated for _, negated, uncertain in chunk.findings))
+            if previous and interpretation and not location.sides:
+                zones = location.zones | previous.zones if location.zones - {"lung"} else set(previous.zones)
+                if _ADJACENCY_OPENERS.match(chunk.text) and not (zones - {"lung"}):
+                    zones.add("lower lung zone")
+                location = _Location(set(previous.sides), zones, previous.singular, previous.first)
+            for finding, negated, uncertain in chunk.findings:
+                place = _place(finding, negated, location, neighbours, index, low)
+                mentions += _mentions(finding, negated, uncertain, place, low, (chunk.start, chunk.end), phrase,
+                                      sentence, section)
             if location:
                 previous = location
     # a hedged restatement of a finding stated outright at the same place adds nothing
@@ -720,7 +816,8 @@ def _mentions(finding: _Span, negated: bool, uncertain: bool, location: _Locatio
         Mention(finding=finding.label, region=region, present=not (negated or finding.absent), uncertain=uncertain,
                 severity=_severity(low, chunk, finding), phrase=phrase, sentence=sentence, section=section,
                 span=(finding.start, finding.end))
-        for region in _regions_for(finding.label, location)
+        for region in _regions_for(finding.label, location, plural=not negated and bool(_PAIRED_PLURAL.search(
+            low, finding.start, finding.end)))
     ]
 
 

@@ -71,7 +71,7 @@ def render_region_prompt(finding: str, region: str, negated: bool = False, promp
 FINDING_CATEGORIES = frozenset(IMAGENOME_VOCABULARY) - {"nlp"}
 # The parser's severity grades, mildest first.
 SEVERITIES = tuple(dict.fromkeys(SEVERITY_WORDS.values()))
-_SEVERITY_WORD = re.compile(r"\b(?:" + "|".join(SEVERITY_WORDS) + r")\b", re.IGNORECASE)
+_SEVERITY_WORD = re.compile(r"\b(?:" + "|".join(SEVERITY_WORDS) + r")\b")  # over lower-cased text
 _SIDE_WORD = re.compile(r"\b(right|left|bilateral(?:ly)?|both|bibasilar|bibasal|biapical)\b", re.IGNORECASE)
 
 
@@ -150,9 +150,10 @@ def _mentions(text: str) -> tuple[Mention, ...]:
     return tuple(parse_report(text))
 
 
+@lru_cache(maxsize=2**16)
 def _grades(text: str) -> frozenset[tuple[str, str]]:
     """(label, grade) of the present findings a text grades; the parser runs only on texts with a severity word."""
-    if not _SEVERITY_WORD.search(text):
+    if not _SEVERITY_WORD.search(text.lower()):
         return frozenset()
     return frozenset((m.finding, m.severity) for m in _mentions(text) if m.present and m.severity)
 
@@ -444,8 +445,8 @@ def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], 
                         where_positive.append((b, r, t))
             label_id[b, r] = label_index.setdefault(item.labels[r], len(label_index))
     positive = np.zeros((len(items), num_regions, len(index)), dtype=bool)  # [B, R, T]
-    if where_positive:
-        positive[tuple(np.array(where_positive).T)] = True
+    where_positive = tuple(np.array(where_positive, dtype=np.int64).reshape(-1, 3).T)
+    positive[where_positive] = True
 
     anywhere: dict[int, Facts] = {}  # text -> its facts merged over every region it is recorded at
     for (t, _), facts in recorded.items():
@@ -459,7 +460,8 @@ def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], 
     differs = pair_claim != anywhere_id[pair_t]
     pair_t, pair_r, pair_claim = pair_t[differs], pair_r[differs], pair_claim[differs]
     contradicts[:, pair_r, pair_t] = table[pair_claim[None, :], label_id[:, pair_r]]  # [B, P]
-    return list(index), positive, contradicts & ~positive
+    contradicts[where_positive] = False  # a text is never a negative where it is a positive
+    return list(index), positive, contradicts
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+from train.data.phantom.layout import main
+
+main()
