@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_anatomy_vlm import AnatomyVLMConfig
 from .loss_anatomy_vlm import detection_loss, global_finding_loss, region_phrase_contrastive_loss
+from .pipeline_anatomy_vlm import custom_pipelines
 from .text_encoder_anatomy_vlm import build_text_tower, load_text_tower_weights, text_tower_embeds
 
 # The objectives `forward` computes, by the name of their `loss_<name>` output and `loss_weights` key.
@@ -45,6 +46,10 @@ class AnatomyVLMOutput(ModelOutput):
             Image-vs-finding logits (sigmoid gives the probability of each finding).
         region_logits (`torch.FloatTensor` of shape `(B, Q, T)`, *optional*): Region-vs-phrase logits.
         last_hidden_state (`torch.FloatTensor` of shape `(B, 1 + N + Q, hidden)`): final vision tower states.
+        logits_per_image (`torch.FloatTensor` of shape `(B, T)`, *optional*):
+            CLIP-style image-vs-text logits for T texts given as `input_ids`; the sigmoid of each (not a softmax over
+            the texts) is that text's probability, as for `global_logits`.
+        logits_per_text (`torch.FloatTensor` of shape `(T, B)`, *optional*): `logits_per_image` transposed.
     """
 
     loss: torch.FloatTensor | None = None
@@ -58,6 +63,8 @@ class AnatomyVLMOutput(ModelOutput):
     global_logits: torch.FloatTensor | None = None
     region_logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
 
 
 def _mlp_hidden_size(vision_config) -> int:
@@ -259,6 +266,8 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         self.logit_bias_global = nn.Parameter(torch.tensor(config.global_logit_bias_init_value))
         self.logit_scale_fine = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self._text_embed_cache: dict[str, torch.Tensor] = {}
+        # Saved in config.json: `pipeline(task, model=<checkpoint>, trust_remote_code=True)` finds its class there.
+        self.config.custom_pipelines = custom_pipelines()
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -387,6 +396,8 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         region_prompt_text_embeds: torch.Tensor | None = None,
         region_labels: torch.Tensor | None = None,
         loss_weights: dict[str, float] | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> AnatomyVLMOutput | tuple:
@@ -410,6 +421,9 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
                 "global", "fine", "region"); a term left out of the dict is left out of `loss` (still returned as
                 `loss_<name>`), as in a training stage's `loss_weights`, and `loss` is None when no computed term
                 is in the dict. Default: every computed term weight 1.0.
+            input_ids, attention_mask (`[T, L]`, *optional*): T texts, used as given (no prompt templates), as in
+                CLIP's `forward`: gives `logits_per_image` (`[B, T]`, the image-vs-text logits of `global_logits`)
+                and `logits_per_text`.
         """
         if loss_weights is not None and not set(loss_weights) <= set(LOSS_TERMS):
             unknown = sorted(set(loss_weights) - set(LOSS_TERMS))
@@ -431,6 +445,11 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             output.global_logits = self.global_logits(features["image_embeds"], finding_embeds)
             if finding_labels is not None:
                 losses["global"] = global_finding_loss(output.global_logits, finding_labels)
+
+        text_embeds = self._text_embeds(input_ids, attention_mask, None, "")
+        if text_embeds is not None:
+            output.logits_per_image = self.global_logits(features["image_embeds"], text_embeds)
+            output.logits_per_text = output.logits_per_image.T
 
         phrase_embeds = self._text_embeds(phrase_input_ids, phrase_attention_mask, phrase_text_embeds, "phrase")
         if phrase_embeds is not None:

@@ -396,6 +396,7 @@ class AnatomyVisionEncoder(AnatomyVLMPreTrainedModel):
 _NOT_INHERITED_CONFIG_KEYS = {
     "auto_map",
     "architectures",
+    "custom_pipelines",
     "id2label",
     "label2id",
     "num_labels",

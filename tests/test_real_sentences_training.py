@@ -62,7 +62,8 @@ def rewrite_phrases(root: Path, sentences: list[str], seed: int = 0) -> int:
     def pool(attribute: str | None, region: str) -> list[str]:
         other = {"right": "left", "left": "right"}.get(region.split()[0])
         if (attribute, other) not in pools:
-            fitting = [s for s in stating.get(attribute, sentences) if not other or not re.search(rf"\b{other}\b", s, re.I)]
+            fitting = [s for s in stating.get(attribute, sentences)
+                       if not other or not re.search(rf"\b{other}\b", s, re.IGNORECASE)]
             pools[attribute, other] = fitting or pool(None, region)
         return pools[attribute, other]
 
@@ -90,7 +91,8 @@ def real_sentence_set(phantom_root, real_reports, tmp_path_factory):  # noqa: F8
     sentences = real_sentences(real_reports)
     assert len(sentences) > 1000 and set(POST_FINDING_NEGATIONS.values()) <= set(sentences)
     assert rewrite_phrases(data, sentences) > 100
-    graphs = "".join(p.read_text() for p in (data / "chest-imagenome" / "silver_dataset" / "scene_graph").glob("*.json"))
+    scene_graphs = data / "chest-imagenome" / "silver_dataset" / "scene_graph"
+    graphs = "".join(path.read_text() for path in scene_graphs.glob("*.json"))
     assert all(json.dumps(s) in graphs for s in POST_FINDING_NEGATIONS.values()) and "XXXX" in graphs
     return data, sentences
 

@@ -65,6 +65,7 @@ class DataConfig:
     on_error: str = "skip"               # skip (count + log) or raise on unreadable images and bad index rows
     perturb_prob: float = 0.2            # label generation rule 2: a positive phrase becomes a hard negative
     unmentioned_as_negative: bool = True  # a finding the report never mentions counts as absent
+    text_cache_dtype: str = "float32"    # float16 halves the text cache on disk (MIMIC: millions of phrases)
     csv: str | None = None               # chexmask / siim: the mask table
     mimic_cxr_jpg_dir: str | None = None  # chexmask: where the MIMIC-CXR-JPG images are
     images_dir: str | None = None        # siim: the DICOM folder
@@ -172,6 +173,8 @@ class RunConfig:
             raise ConfigError("training.batch_size and training.gradient_accumulation_steps: must be positive")
         if self.data.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error: must be skip or raise, got {self.data.on_error!r}")
+        if self.data.text_cache_dtype not in ("float32", "float16"):
+            raise ConfigError(f"data.text_cache_dtype: must be float32 or float16, got {self.data.text_cache_dtype!r}")
         if not 0.0 <= self.data.perturb_prob <= 1.0:
             raise ConfigError(f"data.perturb_prob: must be in [0, 1], got {self.data.perturb_prob}")
         if self.task == "anatomy_vlm":

@@ -141,14 +141,18 @@ def load_checkpoint(accelerator, output_dir: Path, resume: str) -> tuple[Path, d
     return folder, state
 
 
-def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of names, dtypes, shapes and bytes: equal exactly when the tensors are."""
+def _frozen(module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> dict:
+    """Count and SHA-256 of names, dtypes, shapes and bytes: equal exactly when the tensors are."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return {"parameters": len(tensors), "sha256": digest.hexdigest()}
 
 
 def leave_frozen_weights_out(accelerator, model) -> None:
@@ -164,42 +168,43 @@ def leave_frozen_weights_out(accelerator, model) -> None:
         logger.info("%s writes the whole model into checkpoints, frozen weights included",
                     accelerator.distributed_type.value)
         return
-    frozen = {name: p for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    record = {"parameters": len(frozen), "sha256": _fingerprint(frozen)}
+    target = accelerator.unwrap_model(model)
+    frozen_names = set(_frozen(target))  # without a wrapper's prefix (DDP's `module.`)
+    record = _fingerprint(_frozen(target))
 
-    def weights_file(index: int) -> str:  # Accelerate's name for the index-th prepared model
-        return f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors"
-
-    def index_of(models) -> int | None:
-        return next((i for i, candidate in enumerate(models) if candidate is model), None)
+    def find(models) -> int | None:  # Accelerate keeps the model wrapped (DDP on GPUs) or not (on CPUs)
+        return next((i for i, candidate in enumerate(models) if accelerator.unwrap_model(candidate) is target), None)
 
     def save_hook(models, weights, output_dir):
-        index = index_of(models)
+        index = find(models)
         if index is None:
             return
-        if any(p.requires_grad for p in frozen.values()):
-            raise RuntimeError("a parameter frozen when training started was unfrozen; checkpoints would lose it")
-        weights[index] = {name: value for name, value in weights[index].items() if name not in frozen}
+        if set(_frozen(target)) != frozen_names:
+            raise RuntimeError("the set of frozen parameters changed since training started; a checkpoint would "
+                               "lose the weights of those unfrozen")
+        left_out = _frozen(models[index])
+        weights[index] = {name: value for name, value in weights[index].items() if name not in left_out}
         if accelerator.is_main_process:
             (Path(output_dir) / FROZEN_FILE).write_text(json.dumps(record))
 
     def load_hook(models, input_dir):
-        index = index_of(models)
+        index = find(models)
         record_path = Path(input_dir) / FROZEN_FILE
         if index is None or not record_path.is_file():  # a checkpoint holding every weight: Accelerate loads it
             return
-        saved, current = json.loads(record_path.read_text()), {"parameters": len(frozen), "sha256": _fingerprint(frozen)}
+        saved, current = json.loads(record_path.read_text()), _fingerprint(_frozen(target))
         if saved != current:
             raise ValueError(
                 f"{input_dir}: this checkpoint was trained with other frozen weights ({saved['parameters']} "
                 f"parameters, fingerprint {saved['sha256'][:12]}) than the model has now ({current['parameters']}, "
                 f"{current['sha256'][:12]}): resume with the config (text encoder, vision_init, LoRA) it was "
                 "trained with")
-        missing, unexpected = models[index].load_state_dict(load_file(str(Path(input_dir) / weights_file(index))),
-                                                            strict=False)
-        if unexpected or set(missing) != set(frozen):
-            raise ValueError(f"{input_dir}: checkpoint weights do not match the model: missing "
-                             f"{sorted(set(missing) - set(frozen))[:5]}, unexpected {unexpected[:5]}")
+        weights_file = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors"
+        missing, unexpected = models[index].load_state_dict(load_file(str(weights_file)), strict=False)
+        left_out = set(_frozen(models[index]))
+        if unexpected or set(missing) != left_out:
+            raise ValueError(f"{weights_file}: does not match the model: missing "
+                             f"{sorted(set(missing) - left_out)[:5]}, unexpected {unexpected[:5]}")
         models.pop(index)  # loaded here: Accelerate goes on with the optimizer, schedule and RNG states
 
     accelerator.register_save_state_pre_hook(save_hook)

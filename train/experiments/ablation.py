@@ -43,7 +43,6 @@ from train.config import DEFAULT_CONFIG, REPO_ROOT, from_dict, load_config
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint
 from train.eval.zero_shot import run_evaluation
-from train.text.cache import cache_folder
 
 # variant name -> (table label, enabled losses in `train.config.LOSSES` names)
 VARIANTS = {
@@ -80,8 +79,7 @@ def variant_config(cfg: dict, losses, output_dir) -> dict:
 def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
     """Train (or reuse, or resume) one variant; returns its model folder.
 
-    `text_cache`: another variant's ``text_cache.safetensors``, the path the trainer passes for its cache folder
-    ``text_cache/`` (`train.text.cache.cache_folder`). The frozen text tower and the training texts are the same in
+    `text_cache`: another variant's ``text_cache/`` folder. The frozen text tower and the training texts are the same in
     every variant, so the folder is copied in rather than rebuilt (`TextEmbeddingCache.load_or_build` still checks
     the encoder fingerprint and embeds any text it lacks).
     """
@@ -95,9 +93,9 @@ def train_variant(cfg: dict, text_cache: Path | None = None) -> Path:
     resume = "latest" if same_config and latest_checkpoint(output_dir) else None
     if not same_config and output_dir.exists():
         shutil.rmtree(output_dir)  # outputs of another config must not be mixed with this run's
-    target = cache_folder(output_dir / "text_cache.safetensors")
-    if text_cache is not None and (cache_folder(text_cache) / "manifest.json").is_file() and not target.exists():
-        shutil.copytree(cache_folder(text_cache), target)
+    target = output_dir / "text_cache"
+    if text_cache is not None and (text_cache / "manifest.json").is_file() and not target.exists():
+        shutil.copytree(text_cache, target)
     train(from_dict(copy.deepcopy(cfg)), resume=resume)
     return model_dir
 
@@ -177,7 +175,7 @@ def run_ablation(cfg: dict, out_dir, variants=tuple(VARIANTS), n_bootstrap: int 
         derived = variant_config(cfg, VARIANTS[name][1], variant_dir)
         print(f"ablation: {VARIANTS[name][0]}: {stages_text(derived['stages'])}")
         model_dir = train_variant(derived, text_cache)
-        text_cache = text_cache or variant_dir / "text_cache.safetensors"
+        text_cache = text_cache or variant_dir / "text_cache"
         metrics = run_evaluation(model_dir, data_root, dataset="imagenome", split="test", n_bootstrap=n_bootstrap,
                                  unmentioned_as_negative=cfg["data"].get("unmentioned_as_negative", True),
                                  plots=plots, progress=progress)

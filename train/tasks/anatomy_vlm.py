@@ -94,8 +94,8 @@ class AnatomyVLMTask:
         self.encoder_lr_scale = float(config.model_setting("encoder_lr_scale"))
         with accelerator.main_process_first():
             texts = training_texts(self.train_set, model_config) | training_texts(self.val_set, model_config)
-            cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache.safetensors", self.model,
-                                                     self.processor.tokenizer, texts)
+            cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache", self.model, self.processor.tokenizer,
+                                                     texts, dtype=data.text_cache_dtype)
         self.finding_embeds = torch.stack([
             cache.lookup([t.format(finding=f) for t in model_config.global_prompt_templates]).mean(0)
             for f in findings])

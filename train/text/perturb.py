@@ -172,7 +172,9 @@ def flip_negation(text: str) -> str | None:
       -> "Effusion is not seen."; "Small left effusion is unchanged." -> "Small left effusion has resolved.";
       "Findings suggestive of pneumonia." -> "Findings negative for pneumonia."; "A small right pleural
       effusion." -> "No right pleural effusion."
-    Change words ("unchanged", "improved", "stable", "again seen") are not negations and are kept.
+    Change words ("unchanged", "improved", "stable", "again seen") are not negations: a finding stated with
+    them is negated like any stated finding, and a negated noun phrase keeps none of them ("no worsening X"
+    would still state X).
     """
     if not isinstance(text, str):
         return _skip("negation")
@@ -244,7 +246,7 @@ def _negate(text: str, low: str, target, covering: list, triggers: list) -> str 
     cut = next((t.start for t in triggers if t.start >= target.end and t.label == UNCERTAIN
                 and _VERB_HEDGE.match(low, t.start)), len(low))
     cut = len(_DANGLING.sub("", low[:cut]))
-    tail = _TRAILING_CHANGE.search(low, 0, cut)  # "moderate pneumothorax, unchanged" -> "no pneumothorax"
+    tail = _TRAILING_CHANGE.search(low, target.end, cut)  # "moderate pneumothorax, unchanged" -> "no pneumothorax"
     if tail:
         cut = tail.start()
     if cut < len(low.rstrip(" .!?")):

@@ -83,7 +83,7 @@ class Facts:
     Attributes:
         findings: (label, present) claims, Chest ImaGenome labels of `FINDING_CATEGORIES`. A report phrase claims
             its scene-graph attributes there; a prompt its finding; a perturbation what the parser reads in it.
-        severities: (label, grade) claims, grade one of `SEVERITIES` ("small effusion" -> ("pleural effusion", "mild")).
+        severities: (label, grade) claims, grade one of `SEVERITIES` ("small effusion": ("pleural effusion", "mild")).
         side: "right" / "left" when the text names that side only; None when it names neither or both.
         normal: states that nothing is found there (the normal description "the {region} is normal").
         abnormal: states that something is found there (the template "the {region} is abnormal").
@@ -101,7 +101,8 @@ class Facts:
             return self
         return Facts(
             _unambiguous(self.findings | other.findings), _unambiguous(self.severities | other.severities),
-            self.side if self.side == other.side else None, self.normal or other.normal, self.abnormal or other.abnormal,
+            self.side if self.side == other.side else None,
+            self.normal or other.normal, self.abnormal or other.abnormal,
         )
 
 
@@ -326,7 +327,7 @@ def region_texts_for_image(
         present = sorted({label for label, is_present in labels if is_present})
         absent = sorted({label for label, is_present in labels if not is_present} - set(present))
 
-        positives = [(phrase, _phrase_facts(phrase, tuple(triples_of[phrase]))) for phrase in phrases]
+        positives = [(phrase, _phrase_facts(phrase, tuple(map(tuple, triples_of[phrase])))) for phrase in phrases]
         negatives = []
         for label in (f for f in present if f in vocabulary):
             positives.append((prompts.render(label, region), _prompt_facts(label, True, region)))
@@ -347,7 +348,8 @@ def region_texts_for_image(
             candidates = [f for f in plausible_findings(region) if f in vocabulary and f not in absent]
             count = min(num_attribute_negatives, len(candidates))
             for index in rng.choice(len(candidates), size=count, replace=False) if count else ():
-                negatives.append((prompts.render(candidates[index], region), _prompt_facts(candidates[index], True, region)))
+                label = candidates[index]
+                negatives.append((prompts.render(label, region), _prompt_facts(label, True, region)))
             plausible = [f for f in plausible_findings(region) if f in vocabulary]
             for _ in range(num_template_negatives):
                 template = HARD_NEGATIVE_TEMPLATES[rng.integers(len(HARD_NEGATIVE_TEMPLATES))]
@@ -365,7 +367,8 @@ def region_texts_for_image(
         all_positives.append(tuple(positive_facts))
         all_negatives.append(tuple(negative_facts))
         all_facts.append({**positive_facts, **negative_facts})
-        all_labels.append(RegionLabels(frozenset(present), frozenset().union(*map(_grades, phrases)), _region_side(region)))
+        grades = frozenset().union(*map(_grades, phrases))
+        all_labels.append(RegionLabels(frozenset(present), grades, _region_side(region)))
     return ImageRegionTexts(tuple(all_positives), tuple(all_negatives), tuple(region_names), tuple(all_facts),
                             tuple(all_labels))
 
