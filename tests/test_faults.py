@@ -64,11 +64,12 @@ def test_a_folder_loads_offline_and_the_hub_only_by_name_at_a_pinned_commit(tiny
 
     assert resolve_model_location(f"hf://org/name@{COMMIT}") == (
         "org/name", {"trust_remote_code": True, "revision": COMMIT})
-    assert resolve_model_location("hf://org/name", trust_remote_code=False) == ("org/name", {"trust_remote_code": False})
+    weights_only = resolve_model_location("hf://org/name", trust_remote_code=False)
+    assert weights_only == ("org/name", {"trust_remote_code": False})
     for unpinned in ("hf://org/name", "hf://org/name@main", "hf://org/name@v1.0"):
         with pytest.raises(ValueError, match="runs only at a pinned commit"):
             resolve_model_location(unpinned)
-    for malformed in ("hf://", "hf://org/name/extra", f"hf://org/name@"):
+    for malformed in ("hf://", "hf://org/name/extra", "hf://org/name@"):
         with pytest.raises(ValueError, match="not a Hub reference"):
             resolve_model_location(malformed)
     (tmp_path / "weights.safetensors").write_bytes(b"")

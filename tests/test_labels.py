@@ -15,7 +15,6 @@ from train.text.parser import LOCATED, REGION_RULES, Mention, parse_report
 from train.text.perturb import flip_negation, perturb_phrase, swap_laterality, swap_severity
 from train.text.region_texts import (
     HARD_NEGATIVE_TEMPLATES,
-    ImageRegionTexts,
     RegionPrompts,
     collate_region_texts,
     mentions_to_region_phrases,
@@ -27,6 +26,7 @@ from train.text.vocabulary import FINDING_CATEGORY, REGIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 R = {name: i for i, name in enumerate(ANATOMICAL_REGIONS)}
+VOCABULARY = dict(findings=DEFAULT_FINDINGS, region_names=ANATOMICAL_REGIONS)
 
 
 def triples(text):
@@ -341,14 +341,14 @@ SCENE_GRAPH = {
 
 
 def test_scene_graph_region_phrases():
-    phrases = scene_graph_region_phrases(SCENE_GRAPH)
+    phrases = scene_graph_region_phrases(SCENE_GRAPH, ANATOMICAL_REGIONS)
     assert set(phrases) == {"right costophrenic angle", "right lung"}
     assert phrases["right costophrenic angle"] == [
         ("Small right pleural effusion.", [("anatomicalfinding", True, "pleural effusion"), ("nlp", True, "abnormal")])]
 
 
 def test_region_texts_positives_and_negatives():
-    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), np.random.default_rng(0), perturb_prob=0.0)
+    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH, ANATOMICAL_REGIONS), np.random.default_rng(0), perturb_prob=0.0, **VOCABULARY)
     assert item.region_names == ANATOMICAL_REGIONS and len(item.positives) == len(item.negatives) == 29
 
     # region with a finding: its phrase and the true prompt; the negated prompt and "normal" are negatives
@@ -378,7 +378,7 @@ def test_region_texts_positives_and_negatives():
 
 
 def test_region_texts_perturbation_is_a_hard_negative():
-    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), np.random.default_rng(0), perturb_prob=1.0)
+    item = region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH, ANATOMICAL_REGIONS), np.random.default_rng(0), perturb_prob=1.0, **VOCABULARY)
     rcpa = R["right costophrenic angle"]
     (hard,) = [t for t in item.negatives[rcpa] if "costophrenic angle" not in t]
     assert hard in {"Small left pleural effusion.", "No right pleural effusion.", "Large right pleural effusion."}
@@ -387,9 +387,9 @@ def test_region_texts_perturbation_is_a_hard_negative():
 
 
 def test_region_texts_deterministic_given_seed():
-    phrases = scene_graph_region_phrases(SCENE_GRAPH)
-    first = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5)
-    second = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5)
+    phrases = scene_graph_region_phrases(SCENE_GRAPH, ANATOMICAL_REGIONS)
+    first = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5, **VOCABULARY)
+    second = region_texts_for_image(phrases, np.random.default_rng(7), perturb_prob=0.5, **VOCABULARY)
     assert first == second
 
 
@@ -412,38 +412,36 @@ def test_mentions_to_region_phrases():
         "right costophrenic angle": [(sentence, [("anatomicalfinding", True, "pleural effusion")])],
         "left lower lung zone": [(sentence, [("anatomicalfinding", True, "atelectasis")])],
     }
-    item = region_texts_for_image(phrases, np.random.default_rng(0), perturb_prob=0.0)
+    item = region_texts_for_image(phrases, np.random.default_rng(0), perturb_prob=0.0, **VOCABULARY)
     assert sentence in item.positives[R["left lower lung zone"]]
 
 
-def _item(positives: dict, negatives: dict | None = None) -> ImageRegionTexts:
-    negatives = negatives or {}
-    return ImageRegionTexts(
-        tuple(tuple(positives.get(r, ())) for r in ANATOMICAL_REGIONS),
-        tuple(tuple(negatives.get(r, ())) for r in ANATOMICAL_REGIONS),
-    )
+def _collate(*images: dict):
+    """collate_region_texts of region_texts_for_image (no perturbation) of each {region: [(phrase, triples)]}."""
+    return collate_region_texts([region_texts_for_image(image, np.random.default_rng(i), perturb_prob=0.0, **VOCABULARY)
+                                 for i, image in enumerate(images)])
+
+
+EFFUSION = [("anatomicalfinding", True, "pleural effusion")]
 
 
 def test_collate_masks_and_in_batch_negatives():
-    image0 = _item(
-        {"right costophrenic angle": ["Small right pleural effusion."], "spine": ["the spine is normal"]},
-        {"right costophrenic angle": ["no pleural effusion in the right costophrenic angle"]},
-    )
-    image1 = _item({"left costophrenic angle": ["Small left pleural effusion."]})
-    texts, positive, negative = collate_region_texts([image0, image1])
-    assert texts == ["Small right pleural effusion.", "the spine is normal",
-                     "no pleural effusion in the right costophrenic angle", "Small left pleural effusion."]
-    assert positive.shape == negative.shape == (2, 29, 4) and positive.dtype == negative.dtype == bool
+    texts, positive, negative = _collate({"right costophrenic angle": [("Small right pleural effusion.", EFFUSION)]},
+                                         {"left costophrenic angle": [("Small left pleural effusion.", EFFUSION)]})
+    assert len(set(texts)) == len(texts)
+    assert positive.shape == negative.shape == (2, 29, len(texts)) and positive.dtype == negative.dtype == bool
     t = {text: i for i, text in enumerate(texts)}
     rcpa, lcpa, spine = R["right costophrenic angle"], R["left costophrenic angle"], R["spine"]
-    assert positive[0, rcpa, t["Small right pleural effusion."]] and positive.sum() == 3
-    assert negative[0, rcpa, t["no pleural effusion in the right costophrenic angle"]]  # explicit
-    assert not negative[1, rcpa, t["no pleural effusion in the right costophrenic angle"]]  # explicit is per image
-    assert negative[1, rcpa, t["Small left pleural effusion."]]  # another region's positive, same image
-    assert negative[0, rcpa, t["Small left pleural effusion."]]  # another region's positive, other image
+    assert positive[0, rcpa, t["Small right pleural effusion."]] and positive[:, spine, t["the spine is normal"]].all()
+    no_effusion = t["no pleural effusion in the right costophrenic angle"]
+    assert negative[0, rcpa, no_effusion]  # explicit, and it contradicts image 0's effusion
+    assert not negative[1, rcpa, no_effusion]  # true of image 1's right angle: no negative there (rule 4)
+    assert negative[1, rcpa, t["Small left pleural effusion."]]  # another region's positive, contradicting
+    assert negative[0, rcpa, t["Small left pleural effusion."]]  # it names the other side
     assert negative[1, lcpa, t["Small right pleural effusion."]]
-    # a positive of region r in another image is not by itself a negative of region r
-    assert not negative[1, rcpa, t["Small right pleural effusion."]]
+    # a positive of region r in another image is a negative of region r where it contradicts it ...
+    assert negative[1, rcpa, t["Small right pleural effusion."]]
+    # ... and not where it agrees
     assert not negative[:, spine, t["the spine is normal"]].any()
     assert not (positive & negative).any()
 
@@ -452,17 +450,18 @@ def test_duplicate_text_is_never_a_negative_of_its_own_region():
     shared = "Small right pleural effusion."
     rcpa, right_lung = R["right costophrenic angle"], R["right lung"]
     # two images sharing a phrase (one with extra whitespace), and two regions sharing a phrase
-    image0 = _item({"right costophrenic angle": [shared], "right lung": [shared]})
-    image1 = _item({"right costophrenic angle": ["Small  right pleural effusion. "], "left lung": ["No left pneumothorax."]},
-                   {"right lung": [shared]})  # an explicit negative that image 0 has as a positive of the same region
-    texts, positive, negative = collate_region_texts([image0, image1])
+    texts, positive, negative = _collate(
+        {"right costophrenic angle": [(shared, EFFUSION)], "right lung": [(shared, EFFUSION)]},
+        {"right costophrenic angle": [("Small  right pleural effusion. ", EFFUSION)],
+         "left lung": [("No left pneumothorax.", [("anatomicalfinding", False, "pneumothorax")])]},
+    )
     i = texts.index(shared)
-    assert texts.count(shared) == 1 and len(texts) == 2
+    assert texts.count(shared) == 1
     assert positive[0, rcpa, i] and positive[0, right_lung, i] and positive[1, rcpa, i]
     assert not negative[0, rcpa, i] and not negative[0, right_lung, i] and not negative[1, rcpa, i]
-    assert negative[1, right_lung, i]  # image 1 says it explicitly, and it is not image 1's positive there
-    assert negative[0, R["left lung"], i]  # a positive of other regions
-    assert not negative[0, R["left lung"], texts.index("No left pneumothorax.")]  # positive of the same region elsewhere
+    assert negative[1, right_lung, i]  # image 1's right lung has no effusion: it contradicts the text there
+    assert negative[0, R["left lung"], i]  # it names the other side
+    assert not negative[0, R["left lung"], texts.index("No left pneumothorax.")]  # true of image 0's left lung too
     assert not (positive & negative).any()
 
 
@@ -470,8 +469,8 @@ def test_collate_generated_batch_masks_disjoint():
     rng = np.random.default_rng(3)
     reports = ["Small right pleural effusion. No pneumothorax.", "Small right pleural effusion. Mild cardiomegaly.",
                "The lungs are clear. Heart size is normal."]
-    items = [region_texts_for_image(mentions_to_region_phrases(parse_report(r)), rng, perturb_prob=0.5) for r in reports]
-    items.append(region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH), rng, perturb_prob=0.5))
+    items = [region_texts_for_image(mentions_to_region_phrases(parse_report(r)), rng, perturb_prob=0.5, **VOCABULARY) for r in reports]
+    items.append(region_texts_for_image(scene_graph_region_phrases(SCENE_GRAPH, ANATOMICAL_REGIONS), rng, perturb_prob=0.5, **VOCABULARY))
     texts, positive, negative = collate_region_texts(items)
     assert len(set(texts)) == len(texts) == positive.shape[2]
     assert not (positive & negative).any()

@@ -112,9 +112,10 @@ def full_batch(config: AnatomyVLMConfig, batch_size: int, texts_per_image: int, 
     """A stage-3 batch as the trainer's `Collator` builds it, with random values of realistic shapes.
 
     Each image brings `texts_per_image` texts of its own (T = batch_size x texts_per_image after the collator's
-    deduplication), each positive for one of its regions. Negatives follow `collate_region_texts`: text t is a
-    negative of region r in every image when t is a positive of another region somewhere in the batch, never
-    where it is a positive.
+    deduplication), each positive for one of its regions. The negative mask only needs a realistic density for
+    timing (the step's cost does not depend on which cells are set): t is a negative of region r in every image
+    when t is a positive of another region somewhere in the batch, never where it is a positive. Real batches
+    decide negatives by contradiction (`train.text.region_texts.collate_region_texts`).
     """
     size, regions, findings = config.image_size, config.num_anatomy_queries, len(config.findings)
     text_hidden = config.text_config.hidden_size

@@ -192,6 +192,8 @@ def leave_frozen_weights_out(accelerator, model) -> None:
         record_path = Path(input_dir) / FROZEN_FILE
         if index is None or not record_path.is_file():  # a checkpoint holding every weight: Accelerate loads it
             return
+        if len(models) > 1:  # Accelerate numbers the weight files of the models it still loads by list position
+            raise NotImplementedError("frozen weights are left out of checkpoints for one prepared model only")
         saved, current = json.loads(record_path.read_text()), _fingerprint(_frozen(target))
         if saved != current:
             raise ValueError(
@@ -199,7 +201,7 @@ def leave_frozen_weights_out(accelerator, model) -> None:
                 f"parameters, fingerprint {saved['sha256'][:12]}) than the model has now ({current['parameters']}, "
                 f"{current['sha256'][:12]}): resume with the config (text encoder, vision_init, LoRA) it was "
                 "trained with")
-        weights_file = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors"
+        weights_file = Path(input_dir) / f"{SAFE_MODEL_NAME}.safetensors"  # the name of the first (only) model's
         missing, unexpected = models[index].load_state_dict(load_file(str(weights_file)), strict=False)
         left_out = set(_frozen(models[index]))
         if unexpected or set(missing) != left_out:

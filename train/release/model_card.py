@@ -55,6 +55,32 @@ TASKS = (
 CONTRACT_KEYS = {"global_auc_macro": ("global", "auc"), "region_auc_macro": ("region", "auc"),
                  "detection_miou": ("detection", "miou")}
 
+# The sections every card carries (RAD-DINO's and MAIRA-2's cards are the models); `validate_card` checks them.
+SECTIONS = ("Model details", "Intended use", "Out-of-scope use", "Training data and preprocessing", "Evaluation",
+            "Bias, risks and limitations", "Compute", "How to reproduce", "How to use", "License", "Citation")
+
+# What each number of the evaluation means, by (metrics.json section, key).
+METRIC_MEANINGS = {
+    ("global", "auc"): "image level: per finding, how well the image score (sigmoid of the image-vs-finding logit) "
+                       "ranks images with the finding above images without it (ROC AUC), averaged over findings",
+    ("global", "ap"): "image level: average precision per finding, averaged over findings",
+    ("global", "bmac"): "image level: balanced accuracy (mean of sensitivity and specificity) at each finding's "
+                        "threshold chosen on the validation split, averaged",
+    ("global", "f1"): "image level: F1 at the validation-chosen thresholds, averaged over findings",
+    ("region", "auc"): "anatomy-wise: the same ROC AUC per (region, finding) pair with positives in the split, "
+                       "scored by that region's prompt-pair softmax, averaged over pairs",
+    ("region", "ap"): "anatomy-wise: average precision per (region, finding) pair, averaged",
+    ("region", "bmac"): "anatomy-wise: balanced accuracy at validation-chosen thresholds, averaged over pairs",
+    ("region", "f1"): "anatomy-wise: F1 at validation-chosen thresholds, averaged over pairs",
+    ("detection", "miou"): "mean IoU of each region's predicted box with its annotated box, averaged over regions",
+    ("detection", "map"): "COCO-style AP averaged over IoU .50:.95, one box per region and no confidence score "
+                          "(so about the square of the share of boxes above each IoU)",
+    ("detection", "map_50"): "the same AP at IoU .5",
+    ("detection", "acc50"): "share of annotated boxes whose prediction has IoU >= .5",
+    ("laterality", "accuracy"): "over (image, finding, left/right region pair) where the finding is on one side only: "
+                                "how often the true side scores higher than its mirror (0.5 = chance)",
+}
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -80,39 +106,9 @@ loss and region-phrase InfoNCE.
 | regions ({{ num_regions }}) | {{ regions }} |
 | default findings ({{ num_findings }}) | {{ findings }} |
 
-## Intended use
-
-Research on anatomy-grounded vision-language models for chest radiographs: zero-shot finding scores per image
-and per region, region boxes, and region / image embeddings for retrieval or as features for downstream models.
-Outputs are scores for a research pipeline, not diagnoses.
-
-## Out of scope and limitations
-
-- Not a medical device; not validated for diagnosis, triage or any patient care. Do not use its outputs to make
-  clinical decisions.
-- {{ data_limitation }}
-- Frontal (PA/AP) radiographs only; lateral views and other modalities are out of scope.
-- Zero-shot scores depend on the wording of the prompts; scores of findings outside the training vocabulary
-  are uncalibrated. Decision thresholds (`thresholds.json`, when present) were chosen on one validation split
-  by balanced accuracy and do not transfer to other populations without re-checking.
-- Labels used for training and evaluation come from automatic report parsing or scene graphs (silver
-  standard), with their errors; rare findings and small regions (e.g. cavoatrial junction, carina) are the
-  weakest in the paper.
-- Weights trained on MIMIC-CXR / Chest ImaGenome are derived from credentialed PhysioNet data: check its data
-  use agreement before sharing such weights.
-
-## Training data
-
-{{ training_text }}
-
-## Evaluation
-
-{{ evaluation_text }}
-
-## Prompts
-
-Region score: the softmax over the pair "positive prompt" / "negated prompt" (templates averaged per side);
-global score: the sigmoid of the [CLS]-vs-finding logit, prompts averaged over the templates.
+Scores. A region score is the softmax over the pair "positive prompt" / "negated prompt" of that region
+(templates averaged per side); a global score is the sigmoid of the image-vs-finding logit, prompts averaged over
+the templates. Findings are independent: several can be present at once.
 
 | use | templates |
 |---|---|
@@ -120,10 +116,70 @@ global score: the sigmoid of the [CLS]-vs-finding logit, prompts averaged over t
 | region, positive (`region_prompt_templates`) | {{ region_templates }} |
 | region, negated (`region_negated_prompt_templates`) | {{ negated_templates }} |
 
+## Intended use
+
+Research on anatomy-grounded vision-language models for chest radiographs: zero-shot finding scores per image
+and per region, region boxes, and region / image embeddings for retrieval or as features for downstream models
+(e.g. the segmentation transfer of the project). Outputs are scores for a research pipeline, not diagnoses.
+
+## Out-of-scope use
+
+- Diagnosis, triage, reporting, screening or any other use in patient care: this is not a medical device and
+  is not validated clinically. Do not use its outputs to make clinical decisions.
+- Lateral views, other modalities (CT, MRI, ultrasound) and non-chest radiographs.
+- Reading the scores as calibrated probabilities of disease, or using findings outside the training vocabulary
+  without checking them.
+- {{ data_out_of_scope }}
+
+## Training data and preprocessing
+
+{{ training_text }}
+
+Preprocessing (`AnatomyVLMImageProcessor`, shipped with the checkpoint; training and inference share it):
+
+- Inputs: PNG, JPEG or TIFF files (PIL), DICOM files (pydicom; compressed transfer syntaxes through the pylibjpeg
+  plugins), PIL images or arrays.
+- Every image becomes grayscale in [0, 1]: 8- and 16-bit integers by their type's range, colour by ITU-R 601
+  luma. DICOM: the modality LUT (rescale slope / intercept), then the first window (centre / width, DICOM's linear
+  window) or else the VOI LUT sequence, else the stored bit depth; MONOCHROME1 is inverted so that dense is white;
+  multi-frame files are refused. Patient metadata is never read into outputs or messages.
+- Resized (bilinear, antialiased) with the aspect ratio kept so the long side is {{ image_size }} px, padded
+  with black at the bottom and right to {{ image_size }} x {{ image_size }}, normalised as
+  (x - {{ image_mean }}) / {{ image_std }}, repeated to {{ num_channels }} channels.
+- Boxes are normalised (cx, cy, w, h) in that padded square; post-processing maps them back to original pixels.
+
+## Evaluation
+
+{{ evaluation_text }}
+
+## Bias, risks and limitations
+
+- {{ data_limitation }}
+- Not evaluated by sex, age, ethnicity, device or acquisition protocol; performance on any subgroup is unknown.
+- Labels used for training and evaluation come from automatic report parsing or scene graphs (silver
+  standard), with their errors. A finding a report does not mention counts as {{ unmentioned }}, which pushes
+  scores of under-reported findings down. Rare findings and small regions (e.g. cavoatrial junction, carina)
+  are the weakest in the paper.
+- Zero-shot scores depend on the wording of the prompts; scores of findings outside the training vocabulary are
+  uncalibrated. Decision thresholds (`thresholds.json`, when present) were chosen on one validation split by
+  balanced accuracy and do not transfer to other populations without re-checking.
+- "Right" is the patient's right. A mirrored or rotated image swaps or distorts regions without warning.
+- Weights trained on MIMIC-CXR / Chest ImaGenome derive from credentialed PhysioNet data: check its data use
+  agreement before sharing such weights.
+
+## Compute
+
+{{ compute_text }}
+
+## How to reproduce
+
+{{ reproduce_text }}
+
 ## How to use
 
-The model code ships in this repository (`configuration_anatomy_vlm.py`, `modeling_anatomy_vlm.py`, ...), so
-loading needs `trust_remote_code=True`; review the code first.
+The model code ships in this repository (`configuration_anatomy_vlm.py`, `modeling_anatomy_vlm.py`,
+`pipeline_anatomy_vlm.py`, ...), so loading needs `trust_remote_code=True`; review the code first. Tested with
+transformers {{ transformers_range }} (`make compat` in the project).
 
 ```python
 from transformers import AutoModel, AutoProcessor
@@ -136,8 +192,26 @@ result["findings"]      # {finding: probability} for the whole image
 result["regions"][0]    # {"name": "{{ first_region }}", "box": [x1, y1, x2, y2] (original pixels), "scores": {...}}
 ```
 
-Inputs: PNG, JPEG, TIFF or DICOM paths, PIL images or arrays; they are converted to grayscale, resized with the
-aspect ratio kept and padded to {{ image_size }} px.
+The same numbers through transformers pipelines (registered in `config.json`, `custom_pipelines`):
+
+```python
+from transformers import pipeline
+
+classify = pipeline("zero-shot-image-classification", model="{{ repo_id }}", trust_remote_code=True)
+classify("chest_xray.png", candidate_labels=["pleural effusion", "pneumothorax"])
+# [{"score": p, "label": finding}, ...]: independent sigmoid scores, not a softmax over the labels
+detect = pipeline("zero-shot-object-detection", model="{{ repo_id }}", trust_remote_code=True)
+detect("chest_xray.png", candidate_labels=["pleural effusion"], threshold=0.5)
+# [{"score", "label", "region", "box": {"xmin", "ymin", "xmax", "ymax"}}, ...] per (region, finding)
+embed = pipeline("image-feature-extraction", model="{{ repo_id }}", trust_remote_code=True)
+embed("chest_xray.png")                # image embedding [1, {{ projection_dim }}]; regions=True adds region embeddings
+```
+
+Inputs: PNG, JPEG, TIFF or DICOM paths, PIL images or arrays.
+
+## License
+
+{{ license_text }}
 
 ## Citation
 
