@@ -183,17 +183,12 @@ def load_splits(tuned_path: str | Path = DEFAULT_PATH, real_path: str | Path = R
 
 
 @dataclass
-class Scores:
-    """Finding micro-P/R/F1 over (finding, status) per sentence, and laterality accuracy over the gold labels
-    with a side whose (finding, status) was found (`side_found`), and over all found gold labels (`any_side`)."""
+class PairScores:
+    """Micro precision / recall of predicted against gold sets."""
 
     true_positives: int = 0
     predicted: int = 0
     gold: int = 0
-    side_correct: int = 0
-    side_found: int = 0
-    any_side_correct: int = 0
-    any_side_found: int = 0
 
     @property
     def precision(self) -> float:
@@ -207,6 +202,22 @@ class Scores:
     def f1(self) -> float:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r else 0.0
+
+    def add(self, predicted: set, gold: set) -> None:
+        self.true_positives += len(predicted & gold)
+        self.predicted += len(predicted)
+        self.gold += len(gold)
+
+
+@dataclass
+class Scores(PairScores):
+    """Finding micro-P/R/F1 over (finding, status) per sentence, and laterality accuracy over the gold labels
+    with a side whose (finding, status) was found (`side_found`), and over all found gold labels (`any_side`)."""
+
+    side_correct: int = 0
+    side_found: int = 0
+    any_side_correct: int = 0
+    any_side_found: int = 0
 
     @property
     def laterality(self) -> float:
@@ -406,26 +417,6 @@ def medspacy_system() -> ContextSystem | str:
 # ---------------------------------------------------------------------------------------------------
 # Region-level score of the tuned set (its gold names regions)
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairScores:
-    true_positives: int = 0
-    predicted: int = 0
-    gold: int = 0
-
-    @property
-    def precision(self) -> float:
-        return self.true_positives / self.predicted if self.predicted else 1.0
-
-    @property
-    def recall(self) -> float:
-        return self.true_positives / self.gold if self.gold else 1.0
-
-    def add(self, predicted: set, gold: set) -> None:
-        self.true_positives += len(predicted & gold)
-        self.predicted += len(predicted)
-        self.gold += len(gold)
 
 
 def evaluate_regions(path: str | Path = DEFAULT_PATH) -> PairScores:
