@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test quickstart space clean
+.PHONY: setup test quickstart space compat clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: setup $(TEST_WHEEL)
 
 quickstart: setup
 	$(PY) -m train.experiments.quickstart
+
+# A saved checkpoint's remote code (interpret + pipelines) under the oldest transformers pyproject.toml declares and the
+# newest on PyPI, each in its own venv under .cache/compat/ that reuses .venv's torch; outputs compared with the pin.
+compat: setup
+	$(PY) -m train.release.compat
 
 space: setup  # the Gradio app on http://127.0.0.1:7860 (ANATOMY_VLM_MODEL picks the checkpoint)
 	$(PY) space/app.py

@@ -6,6 +6,7 @@ with a frozen text encoder through a trainable projection (arXiv 2511.08402).
 """
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -16,9 +17,18 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .calibration_anatomy_vlm import CalibratedModelMixin
 from .configuration_anatomy_vlm import AnatomyVLMConfig
 from .loss_anatomy_vlm import detection_loss, global_finding_loss, region_phrase_contrastive_loss
 from .pipeline_anatomy_vlm import custom_pipelines
+from .prompt_memo_anatomy_vlm import (
+    PROMPT_EMBEDS_NAME,
+    PromptMemo,
+    checkpoint_file,
+    read_prompt_embeds,
+    text_encoder_fingerprint,
+    write_prompt_embeds,
+)
 from .text_encoder_anatomy_vlm import build_text_tower, load_text_tower_weights, text_tower_embeds
 
 # The objectives `forward` computes, by the name of their `loss_<name>` output and `loss_weights` key.
@@ -242,7 +252,7 @@ class AnatomyVLMPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
 
 
-class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
+class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
     """
     Anatomy-VLM: detection of the configured anatomical regions, region and image embeddings, and zero-shot
     region-wise finding scores against a frozen text encoder.
@@ -265,7 +275,9 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
         self.logit_scale_global = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.logit_bias_global = nn.Parameter(torch.tensor(config.global_logit_bias_init_value))
         self.logit_scale_fine = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self._text_embed_cache: dict[str, torch.Tensor] = {}
+        # Frozen-tower outputs between calls; its budget is `prompt_memo.max_bytes` (see prompt_memo_anatomy_vlm).
+        self.prompt_memo = PromptMemo()
+        self._checkpoint_prompts_read = False  # prompt_embeds.safetensors is looked for on first use
         # Saved in config.json: `pipeline(task, model=<checkpoint>, trust_remote_code=True)` finds its class there.
         self.config.custom_pipelines = custom_pipelines()
         self.post_init()
@@ -288,7 +300,7 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             self.text_model, name_or_path or self.config.text_model_name_or_path, self.config.text_trust_remote_code
         )
         self.text_model.requires_grad_(False)
-        self._text_embed_cache.clear()
+        self.prompt_memo.clear()  # outputs of the previous tower
 
     def load_vision_encoder(self, name_or_path: str):
         """Copy a ViT or DINOv2 checkpoint into the vision tower, interpolating position embeddings to the
@@ -491,36 +503,92 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
     # ----------------------------------------------------------------------------------------------- zero-shot
     @torch.no_grad()
     def embed_texts(self, texts: list[str], tokenizer, batch_size: int = 256) -> torch.Tensor:
-        """`[T, D]` joint-space embeddings of `texts`; frozen-tower outputs are memoised per text."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_embed_cache))
+        """`[T, D]` joint-space embeddings of `texts`; frozen-tower outputs come from `text_tower_outputs`."""
+        device = self.text_projection.weight.device
+        if not texts:
+            return torch.empty(0, self.config.projection_dim, device=device)
+        tower = self.text_tower_outputs(texts, tokenizer, batch_size)
+        return self.project_text(torch.stack([tower[t] for t in texts]).to(device))
+
+    @torch.no_grad()
+    def text_tower_outputs(self, texts: list[str], tokenizer, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Each distinct text of `texts` -> its float32 CPU frozen-tower output `[text_hidden]`.
+
+        Looked up in `prompt_memo` first: the checkpoint's precomputed prompts (`save_prompt_embeds`, read on the first
+        call when this text encoder made them) and the most recent other texts within `prompt_memo.max_bytes`. Only
+        texts found in neither go through the tower, in batches of `batch_size`, and are memoised.
+        """
+        if not self._checkpoint_prompts_read:
+            self._pin_checkpoint_prompts(tokenizer)
+        outputs = self.prompt_memo.lookup(texts)
+        missing = [text for text in dict.fromkeys(texts) if text not in outputs]
         device = self.text_projection.weight.device
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             tokens = tokenizer(
                 chunk, padding=True, truncation=True, max_length=self.config.max_text_length, return_tensors="pt"
             ).to(device)
-            embeds = self.get_text_tower_embeds(tokens["input_ids"], tokens["attention_mask"])
-            self._text_embed_cache.update(zip(chunk, embeds.float().cpu()))
-        if not texts:
-            return torch.empty(0, self.config.projection_dim, device=device)
-        tower = torch.stack([self._text_embed_cache[t] for t in texts]).to(device)
-        return self.project_text(tower)
+            embeds = self.get_text_tower_embeds(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
+            self.prompt_memo.store(chunk, embeds)
+            outputs.update(zip(chunk, embeds))
+        return outputs
+
+    def text_encoder_fingerprint(self, tokenizer) -> str:
+        """What precomputed tower outputs are valid for: this tower's weights, `tokenizer`, pooling and max length."""
+        return text_encoder_fingerprint(
+            self.text_model.state_dict(), tokenizer, self.config.text_pooling, self.config.max_text_length
+        )
+
+    def _pin_checkpoint_prompts(self, tokenizer):
+        """Pin the prompt embeddings the checkpoint ships (`prompt_embeds.safetensors`) when this encoder made them.
+        Two threads arriving here at once both read the file: harmless, the result is the same."""
+        path = checkpoint_file(self.config.name_or_path, PROMPT_EMBEDS_NAME)
+        embeds = read_prompt_embeds(path, self.text_encoder_fingerprint(tokenizer)) if path else None
+        if embeds is not None:
+            self.prompt_memo.pin(embeds)
+        self._checkpoint_prompts_read = True
+
+    @torch.no_grad()
+    def save_prompt_embeds(self, save_directory, processor, tower_outputs: dict[str, torch.Tensor] | None = None) -> str:
+        """Write the frozen tower's outputs for every prompt of the default findings (`config.findings`) to
+        `save_directory/prompt_embeds.safetensors` with this text encoder's fingerprint; returns its path.
+
+        A model loaded from that folder (also through `trust_remote_code`) scores its default findings without
+        running the text tower: its first `interpret` does not embed the ~1,500 default prompts. `processor` (or its
+        tokenizer) must be the one `interpret` will be given, or the file is ignored. `tower_outputs` (text -> output,
+        e.g. from a training run's text cache made by this encoder) saves embedding those texts again.
+        """
+        tokenizer = getattr(processor, "tokenizer", processor)
+        texts = list(dict.fromkeys(text for group in self.prompt_groups(self.config.findings) for text in group))
+        known = {text: tower_outputs[text] for text in texts if text in (tower_outputs or {})}
+        known.update(self.text_tower_outputs([text for text in texts if text not in known], tokenizer))
+        embeds = {text: known[text] for text in texts}
+        path = os.path.join(save_directory, PROMPT_EMBEDS_NAME)
+        write_prompt_embeds(path, embeds, self.text_encoder_fingerprint(tokenizer))
+        self.prompt_memo.pin(embeds)
+        return path
+
+    def prompt_groups(self, findings: list[str]) -> list[list[str]]:
+        """The prompts of `findings`, one group per ensembled embedding, one text per template: F global groups,
+        then Q x F positive and Q x F negated region groups (region-major, findings inner)."""
+        config = self.config
+        groups = [[t.format(finding=f) for t in config.global_prompt_templates] for f in findings]
+        for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
+            groups += [[t.format(finding=f, region=r) for t in templates] for r in config.region_names for f in findings]
+        return groups
 
     @torch.no_grad()
     def prompt_embeds(self, findings: list[str], tokenizer) -> dict[str, torch.Tensor]:
         """Ensembled zero-shot prompt embeddings: `global` `[F, D]` and `pairs` `[2, Q, F, D]` (positive, negated).
 
         Each embedding is the renormalised mean over the config's templates of the normalised prompt embeddings.
-        All prompts go through the text tower in one batched pass (memoised per text for later calls).
+        Prompts not in `prompt_memo` go through the text tower in one batched pass.
         """
-        config = self.config
-        groups = [[t.format(finding=f) for t in config.global_prompt_templates] for f in findings]
-        for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
-            groups += [[t.format(finding=f, region=r) for t in templates] for r in config.region_names for f in findings]
+        groups = self.prompt_groups(findings)
         embeds = self.embed_texts([text for group in groups for text in group], tokenizer)
         sizes = [len(group) for group in groups]
         ensembled = torch.stack([F.normalize(chunk.mean(0), dim=-1) for chunk in embeds.split(sizes)])
-        num_findings, num_regions = len(findings), len(config.region_names)
+        num_findings, num_regions = len(findings), len(self.config.region_names)
         return {
             "global": ensembled[:num_findings],
             "pairs": ensembled[num_findings:].reshape(2, num_regions, num_findings, -1),
@@ -533,14 +601,19 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
 
         Returns `pred_boxes` `[B, Q, 4]` (normalised cx, cy, w, h), `region_scores` `[B, Q, F]` (softmax over the
         prompt pair "<finding> in the <region>" / "no <finding> in the <region>") and `global_scores` `[B, F]`
-        (sigmoid of the image-vs-finding logit).
+        (sigmoid of the image-vs-finding logit); the logits under them, `region_log_odds` `[B, Q, F]` and
+        `global_logits` `[B, F]` (what calibration scales), and `image_embeds` `[B, D]`.
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
         pair_logits = self.region_pair_logits(features["region_embeds"], prompts["pairs"])
+        global_logits = self.global_logits(features["image_embeds"], prompts["global"])
         return {
             "pred_boxes": features["pred_boxes"],
             "region_scores": pair_logits.softmax(-1)[..., 0],
-            "global_scores": self.global_logits(features["image_embeds"], prompts["global"]).sigmoid(),
+            "global_scores": global_logits.sigmoid(),
+            "region_log_odds": pair_logits[..., 0] - pair_logits[..., 1],
+            "global_logits": global_logits,
+            "image_embeds": features["image_embeds"],
         }
 
     @torch.no_grad()
@@ -558,6 +631,12 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             pixels, "scores": {finding: probability}}, ...], "findings": {finding: probability}}`. A region score
             is the softmax over the prompt pair "<finding> in the <region>" / "no <finding> in the <region>";
             a global score is the sigmoid of the image-vs-finding logit.
+
+            A checkpoint with `calibration.safetensors` (`model.calibration`, see `calibration_anatomy_vlm`) gives
+            calibrated probabilities instead: each head's logits Platt-scaled as fitted on its validation split (the
+            phantom validation split for the quickstart model, so calibrated for phantoms, not for real films);
+            and each dict gets `"ood": {"score", "threshold", "warning": score > threshold}`, a warning that the
+            image is unlike the training images (its scores then mean little). Without the file: no `"ood"`.
         """
         if not isinstance(images, (list, tuple)):
             images = [images]
@@ -572,21 +651,28 @@ class AnatomyVLMModel(AnatomyVLMPreTrainedModel):
             inputs = processor(images=images[start : start + batch_size], return_tensors="pt")
             scores = self.zero_shot_scores(inputs["pixel_values"], prompts)
             boxes = processor.post_process_boxes(scores["pred_boxes"], inputs["original_sizes"])
+            region_scores, global_scores, ood = scores["region_scores"], scores["global_scores"], None
+            if self.calibration is not None:
+                region_scores = self.calibration.region_platt(scores["region_log_odds"])
+                global_scores = self.calibration.global_platt(scores["global_logits"])
+                ood = self.calibration.ood_results(scores["image_embeds"], inputs["pixel_values"],
+                                                   inputs["original_sizes"], processor.image_processor)
             for i, (height, width) in enumerate(inputs["original_sizes"].tolist()):
-                results.append(
-                    {
-                        "image_size": [width, height],
-                        "regions": [
-                            {
-                                "name": name,
-                                "box": [round(v, 2) for v in boxes[i, q].tolist()],
-                                "scores": dict(zip(findings, scores["region_scores"][i, q].tolist())),
-                            }
-                            for q, name in enumerate(self.config.region_names)
-                        ],
-                        "findings": dict(zip(findings, scores["global_scores"][i].tolist())),
-                    }
-                )
+                result = {
+                    "image_size": [width, height],
+                    "regions": [
+                        {
+                            "name": name,
+                            "box": [round(v, 2) for v in boxes[i, q].tolist()],
+                            "scores": dict(zip(findings, region_scores[i, q].tolist())),
+                        }
+                        for q, name in enumerate(self.config.region_names)
+                    ],
+                    "findings": dict(zip(findings, global_scores[i].tolist())),
+                }
+                if ood is not None:
+                    result["ood"] = ood[i]
+                results.append(result)
         self.train(was_training)
         return results
 

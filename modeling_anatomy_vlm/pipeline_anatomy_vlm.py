@@ -3,11 +3,11 @@
 `AnatomyVLMModel` writes `custom_pipelines()` into its config, so a saved checkpoint (this file ships with it)
 serves `pipeline(task, model=checkpoint, trust_remote_code=True)` where this project is not installed:
 
-| task | returns, per image | equals |
-|---|---|---|
-| `zero-shot-image-classification` | `[{"score", "label"}]`, highest score first | `interpret(...)["findings"]` |
-| `zero-shot-object-detection` | `[{"score", "label", "region", "box": {"xmin", "ymin", "xmax", "ymax"}}]`, highest first | `interpret(...)["regions"]` |
-| `image-feature-extraction` | the image embedding `[1, D]`; with `regions=True` also the region embeddings | `get_image_features`, `get_region_features` |
+* `zero-shot-image-classification`: `[{"score", "label"}]`, highest score first = `interpret(...)["findings"]`;
+* `zero-shot-object-detection`: `[{"score", "label", "region", "box": {"xmin", "ymin", "xmax", "ymax"}}]`,
+  highest score first = `interpret(...)["regions"]`;
+* `image-feature-extraction`: the image embedding `[1, D]` (`get_image_features`); with `regions=True` also the
+  region embeddings (`get_region_features`).
 
 Why these are custom classes rather than transformers' own pipelines for those tasks:
 
@@ -23,8 +23,11 @@ Why these are custom classes rather than transformers' own pipelines for those t
   box's `region` to each result and keeps boxes as `interpret` gives them (floats, 0.01 px).
 * transformers' image feature extraction returns the model's first output (our boxes) or a `pooler_output`.
 * transformers' pipelines open images with `load_image`, which converts to 8-bit RGB and cannot read DICOM; ours
-  hand the input (path, PIL image, array) to the checkpoint's image processor, as `interpret` does, so a
-  16-bit PNG or a DICOM file gets the same pixels through either.
+  hand the input (path, PIL image, array) to the checkpoint's processor, as `interpret` does, so a 16-bit PNG or
+  a DICOM file gets the same pixels through either.
+
+The two zero-shot pipelines run `interpret` itself and reshape its result, so their numbers are `interpret`'s by
+construction, whatever scoring `interpret` does now or later.
 """
 
 from transformers import Pipeline
@@ -44,65 +47,52 @@ def custom_pipelines() -> dict:
             for task, cls in classes.items()}
 
 
-def _findings(candidate_labels, config) -> list[str]:
-    """The findings to score: `candidate_labels` (one string or a list), default `config.findings`."""
-    if candidate_labels is None:
-        return list(config.findings)
-    labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
-    if not labels or any(not isinstance(label, str) or not label.strip() for label in labels):
-        raise ValueError(f"candidate_labels must be a non-empty list of non-empty strings, got {candidate_labels!r}")
-    return labels
+def _findings(candidate_labels):
+    """`candidate_labels` as `interpret`'s `findings` (None: `config.findings`); one string is one label."""
+    return [candidate_labels] if isinstance(candidate_labels, str) else candidate_labels
 
 
 class _AnatomyVLMPipeline(Pipeline):
-    """Images go to the checkpoint's image processor as they are (path, PIL image, array)."""
+    """Works with the checkpoint's `AnatomyVLMProcessor` (its image processor and tokenizer); images go to it as
+    they are (path, PIL image, array), as in `interpret`."""
 
-    _load_processor = False
-    _load_image_processor = True
+    _load_processor = True
+    _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
     input_type = "image"
 
-    def preprocess(self, image):
-        return dict(self.image_processor(image))  # pixel_values [1, C, S, S], original_sizes [1, 2]
-
 
 class _AnatomyVLMZeroShotPipeline(_AnatomyVLMPipeline):
-    """Scores `candidate_labels` (default `config.findings`) the way `interpret` does."""
+    """Runs `AnatomyVLMModel.interpret` on the image and reshapes its result: one scoring path, so the numbers are
+    `interpret`'s, whatever scoring it does."""
 
-    _load_tokenizer = True
     input_type = "multimodal"
 
     def __call__(self, image, candidate_labels=None, **kwargs):
         return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
 
     def preprocess(self, image, candidate_labels=None):
-        return {**super().preprocess(image), "candidate_labels": _findings(candidate_labels, self.model.config)}
+        return {"image": image, "findings": _findings(candidate_labels)}
 
-    def _zero_shot_scores(self, inputs) -> dict:
-        """`zero_shot_scores` against `prompt_embeds` of the labels: the two calls `interpret` makes."""
-        prompts = self.model.prompt_embeds(inputs["candidate_labels"], self.tokenizer)
-        return self.model.zero_shot_scores(inputs["pixel_values"], prompts)
+    def _forward(self, inputs):
+        return self.model.interpret(inputs["image"], self.processor, findings=inputs["findings"])[0]
 
 
 class AnatomyVLMZeroShotImageClassificationPipeline(_AnatomyVLMZeroShotPipeline):
     """
     Image-level zero-shot finding scores: `classifier(image, candidate_labels=[...])` returns
-    `[{"score": p, "label": finding}, ...]`, highest first, where p is the sigmoid of the image-vs-finding logit:
-    each finding on its own (they do not sum to 1), as in `interpret(...)["findings"]`. `candidate_labels`
-    default to `config.findings`; each is wrapped in the config's `global_prompt_templates`.
+    `[{"score": p, "label": finding}, ...]`, highest first: `interpret(...)["findings"]`, where p is the sigmoid of
+    the image-vs-finding logit, each finding on its own (they do not sum to 1). `candidate_labels` default to
+    `config.findings`; each is put in the config's `global_prompt_templates`.
     """
 
     def _sanitize_parameters(self, candidate_labels=None):
         return {"candidate_labels": candidate_labels}, {}, {}
 
-    def _forward(self, inputs):
-        return {"candidate_labels": inputs["candidate_labels"], "scores": self._zero_shot_scores(inputs)["global_scores"][0]}
-
-    def postprocess(self, outputs):
-        results = [{"score": score, "label": label}
-                   for label, score in zip(outputs["candidate_labels"], outputs["scores"].tolist())]
-        return sorted(results, key=lambda result: -result["score"])
+    def postprocess(self, result):
+        return sorted(({"score": score, "label": label} for label, score in result["findings"].items()),
+                      key=lambda item: -item["score"])
 
 
 class AnatomyVLMZeroShotObjectDetectionPipeline(_AnatomyVLMZeroShotPipeline):
@@ -110,29 +100,24 @@ class AnatomyVLMZeroShotObjectDetectionPipeline(_AnatomyVLMZeroShotPipeline):
     Anatomy-wise zero-shot finding scores: `detector(image, candidate_labels=[...], threshold=0.1, top_k=None)`
     returns one result per (region, finding) pair scoring at least `threshold`, highest first:
     `{"score": p, "label": finding, "region": name, "box": {"xmin", "ymin", "xmax", "ymax"}}`, the box in original
-    pixels (floats rounded to 0.01 px). p is the softmax over "<finding> in the <region>" / "no <finding> in the
-    <region>", as in `interpret(...)["regions"]`; `threshold=0` returns every pair.
+    pixels (floats, 0.01 px): `interpret(...)["regions"]`, where p is the softmax over "<finding> in the <region>" /
+    "no <finding> in the <region>". `threshold=0` returns every pair.
     """
 
     def _sanitize_parameters(self, candidate_labels=None, threshold=None, top_k=None):
         postprocess = {key: value for key, value in (("threshold", threshold), ("top_k", top_k)) if value is not None}
         return {"candidate_labels": candidate_labels}, {}, postprocess
 
-    def _forward(self, inputs):
-        scores = self._zero_shot_scores(inputs)
-        boxes = self.image_processor.post_process_boxes(scores["pred_boxes"], inputs["original_sizes"])
-        return {"candidate_labels": inputs["candidate_labels"], "region_scores": scores["region_scores"][0],
-                "boxes": boxes[0]}
-
-    def postprocess(self, outputs, threshold: float = 0.1, top_k: int | None = None):
-        results = []
-        for name, box, scores in zip(self.model.config.region_names, outputs["boxes"].tolist(),
-                                     outputs["region_scores"].tolist()):
-            corners = dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(v, 2) for v in box)))
-            results += [{"score": score, "label": label, "region": name, "box": corners}
-                        for label, score in zip(outputs["candidate_labels"], scores) if score >= threshold]
-        results.sort(key=lambda result: -result["score"])
-        return results[:top_k] if top_k else results
+    def postprocess(self, result, threshold: float = 0.1, top_k: int | None = None):
+        detections = [
+            {"score": score, "label": label, "region": region["name"],
+             "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), region["box"]))}
+            for region in result["regions"]
+            for label, score in region["scores"].items()
+            if score >= threshold
+        ]
+        detections.sort(key=lambda item: -item["score"])
+        return detections[:top_k] if top_k else detections
 
 
 class AnatomyVLMImageFeatureExtractionPipeline(_AnatomyVLMPipeline):
@@ -146,6 +131,9 @@ class AnatomyVLMImageFeatureExtractionPipeline(_AnatomyVLMPipeline):
         postprocess = {key: value for key, value in (("regions", regions), ("return_tensors", return_tensors))
                        if value is not None}
         return {}, {}, postprocess
+
+    def preprocess(self, image):
+        return dict(self.image_processor(image))  # pixel_values [1, C, S, S], original_sizes [1, 2]
 
     def _forward(self, inputs):
         features = self.model.encode_image(inputs["pixel_values"].to(self.model.dtype))

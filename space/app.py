@@ -6,28 +6,47 @@ Run it with `make space` (or `python space/app.py`). Settings come from the envi
 * `ANATOMY_VLM_MODEL`: checkpoint folder or Hub id (default: `outputs/quickstart/model`, made by
   `make quickstart`).
 * `ANATOMY_VLM_MAX_UPLOAD_MB` (default 32), `ANATOMY_VLM_MAX_MEGAPIXELS` (default 50): input limits.
-* `ANATOMY_VLM_CONCURRENCY` (default 2): requests the queue runs at once.
+* `ANATOMY_VLM_CONCURRENCY` (default 2): model calls run at once, all endpoints together.
+* `ANATOMY_VLM_MAX_QUEUE` (default 64): requests that may wait; more are refused until the queue drains.
+* `ANATOMY_VLM_PROMPT_MEMO_MB` (default 64): memory for the text embeddings of free-text findings.
+* `ANATOMY_VLM_FILE_TTL_S` (default 600): the longest an upload or a drawn image stays on disk.
 
-`/interpret` is the public API: one image file in, `model.interpret`'s dict out. Every UI step starts
-from the uploaded file, so the app keeps no per-user state. Patient data stays out of sight: DICOM files
-contribute pixels only, and error messages and logs never name the uploaded file.
+What the app serves and keeps:
+
+* `/interpret` is the one public endpoint: one image file in, `model.interpret`'s dict out; the upload is deleted as
+  soon as the request is done. The page's own events (analyse an upload, score a free-text finding, show a region) are
+  hidden from the API, but gradio's queue runs any event for any HTTP client, so they share `/interpret`'s
+  concurrency limit and queue, and the text embeddings they add are held in the model's bounded memo.
+* The page's upload stays on disk while the page can still ask about it: it and the image drawn from it are deleted
+  when another file is uploaded, when the tab closes, and `ANATOMY_VLM_FILE_TTL_S` after upload at the latest
+  (gradio's `delete_cache`, which also removes the box overlays it writes; all of them go when the server stops).
+* DICOM files contribute pixels only; messages and logs never name an uploaded file. Gradio analytics are off
+  (no version check, no launch report).
+* Next to the results the page says what the checkpoint was trained on: a model trained on synthetic phantoms (the
+  default, and what is assumed when the checkpoint records nothing) means nothing on a real radiograph.
 """
 
 import colorsys
+import contextlib
+import hashlib
 import logging
 import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import gradio as gr
-import numpy as np
-import torch
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no version check, no launch report
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -38,6 +57,18 @@ DISPLAY_SIDE = 768  # long side of the image the boxes are drawn on
 BOX_FILL_ALPHA = 0.03  # faint fill, so overlapping boxes keep the film readable
 MAX_QUESTION_CHARS = 120
 NUM_EXAMPLES = 3
+MODEL_QUEUE = "model"  # the concurrency group of every event that runs the model
+PHANTOM_TAG = "phantom-data"  # the model card's tag of a checkpoint trained on phantoms (train.release.model_card)
+
+PHANTOM_NOTICE = (
+    "**This model was trained on synthetic phantoms only** (procedurally drawn chest X-rays, no patient images). "
+    "On a real radiograph its boxes and scores carry no clinical meaning: a high score is not a finding and a low "
+    "one does not rule anything out. Research demo, not for clinical use."
+)
+REAL_DATA_NOTICE = (
+    "**Research demo, not for clinical use.** The scores are zero-shot image-text similarities of a model trained on "
+    "{source}, not diagnoses; they have not been validated for any clinical purpose."
+)
 
 logger = logging.getLogger("anatomy_vlm.space")
 
@@ -52,6 +83,9 @@ class Settings:
     max_upload_mb: float = 32.0
     max_megapixels: float = 50.0
     concurrency: int = 2
+    max_queue: int = 64
+    prompt_memo_mb: float = 64.0
+    file_ttl_s: int = 600
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -61,7 +95,20 @@ class Settings:
             max_upload_mb=float(env("ANATOMY_VLM_MAX_UPLOAD_MB", cls.max_upload_mb)),
             max_megapixels=float(env("ANATOMY_VLM_MAX_MEGAPIXELS", cls.max_megapixels)),
             concurrency=int(env("ANATOMY_VLM_CONCURRENCY", cls.concurrency)),
+            max_queue=int(env("ANATOMY_VLM_MAX_QUEUE", cls.max_queue)),
+            prompt_memo_mb=float(env("ANATOMY_VLM_PROMPT_MEMO_MB", cls.prompt_memo_mb)),
+            file_ttl_s=int(env("ANATOMY_VLM_FILE_TTL_S", cls.file_ttl_s)),
         )
+
+
+def upload_path(upload: dict | str | None) -> str | None:
+    """The path of an uploaded file, given as gradio's FileData (what the events receive) or as a path.
+
+    The events take the upload unprocessed (`preprocess=False`; gradio has checked that it is an upload in its cache):
+    gr.File's own `type="filepath"` processing leaves an empty temporary file in the cache on every call (gradio 6.31),
+    which nothing ever deletes.
+    """
+    return upload["path"] if isinstance(upload, dict) else upload
 
 
 def _input_error(message: str) -> gr.Error:
@@ -88,6 +135,58 @@ def load_checkpoint(name_or_path: str):
         ) from err
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
+
+
+def training_data(name_or_path: str) -> str | None:
+    """What the checkpoint was trained on when its record says it was not the phantom set; None for phantoms and for
+    a checkpoint without a readable record (the page then says phantom-trained: the safe reading).
+
+    The record: the trainer's `train_config.yaml` next to a local checkpoint folder (the `phantom` data set, or the
+    model card's own rule `train.release.model_card.is_phantom`), else the model card's metadata (`README.md`, local or on the Hub),
+    where the `phantom-data` tag marks a phantom-trained checkpoint.
+    """
+    try:
+        if Path(name_or_path).is_dir():
+            from train.release.model_card import is_phantom, training_config
+
+            train_cfg = training_config(name_or_path)
+            if train_cfg is not None:
+                dataset = (train_cfg.get("data") or {}).get("dataset")
+                return None if dataset == "phantom" or is_phantom(train_cfg, None) else f"the `{dataset}` data set"
+            card_path = Path(name_or_path) / "README.md"
+            if not card_path.is_file():
+                return None
+            name_or_path = str(card_path)
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(name_or_path)
+    except Exception as err:  # an unreadable record says nothing: the phantom notice stays
+        logger.warning("could not read the checkpoint's training record (%s)", type(err).__name__)
+        return None
+    tags, datasets = card.data.tags or [], card.data.datasets or []
+    if PHANTOM_TAG in tags or not datasets:
+        return None
+    return ", ".join(f"`{name}`" for name in datasets)
+
+
+def model_notice(name_or_path: str) -> str:
+    """The statement shown next to every result: what the model was trained on and what its output means."""
+    source = training_data(name_or_path)
+    return PHANTOM_NOTICE if source is None else REAL_DATA_NOTICE.format(source=source)
+
+
+def ood_warning(result: dict | None) -> dict:
+    """An update of the warning above the results: shown when `interpret` flags the image out-of-distribution."""
+    ood = (result or {}).get("ood") or {}
+    if not ood.get("warning"):
+        return gr.update(value="", visible=False)
+    return gr.update(
+        value=(
+            f"⚠️ **This image is unlike the images the model was trained on** (out-of-distribution score "
+            f"{ood['score']:.2f}, threshold {ood['threshold']:.2f}). Treat every box and score below as meaningless."
+        ),
+        visible=True,
+    )
 
 
 def check_upload(path: str, max_bytes: int, max_pixels: int):
@@ -155,31 +254,128 @@ def render_examples(directory: Path, count: int = NUM_EXAMPLES) -> list[str]:
     return paths
 
 
+class UploadHolds:
+    """Who still needs each uploaded file: requests that will read it and pages that show it; the last to let go
+    deletes it.
+
+    Gradio stores identical uploads at one path (a folder named after the content's hash), so two requests that send
+    the same file share it, and a request deleting "its" upload when done would delete it under the other. A request
+    holds its upload from the moment it joins the queue (an event validator) until it is done; a page holds the upload
+    it shows until it shows another or closes. When the last hold goes, the file is deleted, unless it was uploaded
+    anew since that hold was taken (an upload replaces the file: a request that has not joined the queue yet is on its
+    way with it). What no one lets go of (a request cancelled in the queue) is deleted by gradio's `delete_cache`.
+    """
+
+    def __init__(self, delete):
+        self._delete = delete
+        self._lock = threading.Lock()
+        self._holds: dict[str, tuple[int, int | None]] = {}  # upload -> (holds, inode the latest hold saw)
+        self._pages: dict[str, str] = {}  # session -> the upload its page shows (one of the holds)
+
+    def hold(self, path: str | None):
+        if path is None:
+            return
+        with self._lock:
+            for stale in [p for p in self._holds if not os.path.exists(p)]:  # deleted by `delete_cache`
+                del self._holds[stale]
+            for session in [s for s, p in self._pages.items() if not os.path.exists(p)]:
+                del self._pages[session]
+            count, _ = self._holds.get(path, (0, None))
+            self._holds[path] = (count + 1, _inode(path))
+
+    def let_go(self, path: str | None):
+        if path is None:
+            return
+        with self._lock:
+            count, inode = self._holds.pop(path, (1, _inode(path)))  # a direct call (tests) held nothing: it goes
+            if count > 1:
+                self._holds[path] = (count - 1, inode)
+            elif _inode(path) == inode:
+                self._delete(path)
+
+    def show_on_page(self, session: str | None, path: str | None):
+        """The page of `session` now shows `path`, taking over the hold of the request that analysed it; the upload it
+        showed before is let go."""
+        with self._lock:
+            previous = self._pages.pop(session, None) if session else None
+            if session and path is not None:
+                self._pages[session] = path
+        self.let_go(previous)
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 class AnatomyVLMSpace:
-    """The model, its processor and the handlers behind each UI element and the `/interpret` endpoint."""
+    """The model, its processor, the handlers behind each UI element and `/interpret`, and the bookkeeping that
+    deletes each upload once nothing needs it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.model, self.processor = load_checkpoint(settings.model)
+        self.model.prompt_memo.max_bytes = int(settings.prompt_memo_mb * 2**20)
+        self.notice = model_notice(settings.model)
         # The checkpoint's own loader, so the app reads files exactly as the model's processor does.
         self.load_grayscale = sys.modules[type(self.processor.image_processor).__module__].load_grayscale
         self._examples_tmp = tempfile.TemporaryDirectory(prefix="anatomy-vlm-examples-")  # removed at exit
         self.examples_dir = Path(self._examples_tmp.name)
         self.examples = render_examples(self.examples_dir)
+        self.cache_dir = Path(get_upload_folder()).resolve()
+        self.uploads = UploadHolds(self.delete_upload)
         self._warm_up()
 
     def _warm_up(self):
-        """Embed the default prompts now (one batched text-tower pass), so the first request only runs the image side."""
+        """Embed the default prompts now (none when the checkpoint ships them precomputed), so the first request only
+        runs the image side."""
         start = time.perf_counter()
         image = self.examples[0] if self.examples else np.full((256, 256), 0.5, dtype=np.float32)
         self.model.interpret(image, self.processor)
         logger.info("warm-up took %.1f s", time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------------------------ files
+    def display_path(self, upload: str) -> Path:
+        """Where the display copy of `upload` is written: in gradio's cache (so the browser may fetch it), at a
+        name derived from the upload's, so every redraw overwrites one file and deleting the upload finds it."""
+        return self.cache_dir / f"display-{hashlib.sha256(upload.encode()).hexdigest()[:32]}" / "image.png"
+
+    def delete_upload(self, upload: str):
+        """Delete an upload and its display copy from gradio's cache, with their folders once empty; never anything
+        outside the cache. A failure is logged without the file's name. (An example's copy in the cache is deleted
+        too: gradio copies it again when the example is next clicked.)"""
+        for path in (Path(upload), self.display_path(upload)):
+            if not path.resolve().is_relative_to(self.cache_dir):
+                continue
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                logger.warning("could not delete an uploaded file (%s)", type(err).__name__)
+            if path.parent != self.cache_dir:
+                with contextlib.suppress(OSError):  # absent, or not empty: a concurrent request still uses it
+                    path.parent.rmdir()
+
+    def hold_upload(self, upload: dict | str | None, *other_inputs):
+        """The validator of the events that read an upload: gradio runs it as the request joins the queue, so the
+        file is held from then until the request is done (see `UploadHolds`)."""
+        self.uploads.hold(upload_path(upload))
+
+    def end_session(self, request: gr.Request):
+        """The tab closed: its upload and display copy are deleted (unless another request still reads them)."""
+        self.uploads.show_on_page(request.session_hash, None)
 
     # ------------------------------------------------------------------------------------------ handlers
     def read_upload(self, path: str | None) -> np.ndarray:
         """The uploaded file as float32 `[H, W]` grayscale in [0, 1], or a `gr.Error` saying what is wrong."""
         if path is None:
             raise _input_error("No image given: upload a chest X-ray (PNG, JPEG or DICOM).")
+        if not os.path.isfile(path):
+            raise _input_error(
+                "The uploaded image is no longer on the server (uploads are deleted when another is uploaded, when "
+                f"the page closes, and {self.settings.file_ttl_s // 60} minutes after upload): upload it again."
+            )
         check_upload(path, int(self.settings.max_upload_mb * 2**20), int(self.settings.max_megapixels * 1e6))
         try:
             return self.load_grayscale(path)
@@ -190,51 +386,61 @@ class AnatomyVLMSpace:
             logger.warning("decoding an upload failed with %s", type(err).__name__)
             raise _input_error("Could not read the uploaded file as a PNG, JPEG or DICOM image.") from None
 
-    def interpret(self, path: str | None) -> dict | None:
+    def interpret(self, path: str | None) -> dict:
         """`model.interpret` of one uploaded image: image size, 29 regions with boxes and scores, findings."""
-        if path is None:  # the UI's upload was cleared
-            return None
         return self.model.interpret(self.read_upload(path), self.processor)[0]
 
-    def _display(self, path: str) -> tuple[np.ndarray, float]:
-        """uint8 copy of the upload, long side at most DISPLAY_SIDE, and its scale from original pixels."""
+    def interpret_and_delete(self, upload: dict | str | None) -> dict:
+        """`/interpret`: `interpret`, then the upload is deleted (the caller has the result; nothing reads it again)."""
+        path = upload_path(upload)
+        try:
+            return self.interpret(path)
+        finally:
+            self.uploads.let_go(path)
+
+    def _annotated(self, path: str, regions: list[dict], labels: list[str], scores: list[float]) -> dict:
+        """An update of the AnnotatedImage: a display copy of the upload (long side at most DISPLAY_SIDE) with one
+        outline per region, coloured by `scores`."""
         gray = self.read_upload(path)
         height, width = gray.shape
         scale = min(1.0, DISPLAY_SIDE / max(height, width))
         image = Image.fromarray(np.round(gray * 255).astype(np.uint8))
         if scale < 1.0:
             image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
-        return np.asarray(image), scale
-
-    def _annotated(self, path: str, regions: list[dict], labels: list[str], scores: list[float]) -> dict:
-        """An update of the AnnotatedImage: the upload with one outline per region, coloured by `scores`."""
-        image, scale = self._display(path)
-        border = max(2, round(max(image.shape) / 256))
+        display = self.display_path(path)
+        display.parent.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=display.parent, suffix=".png", delete=False) as partial:
+            image.save(partial, format="PNG")
+        os.replace(partial.name, display)  # atomic: a concurrent redraw of the same upload never shows half a file
+        shape = (image.height, image.width)
+        border = max(2, round(max(shape) / 256))
         annotations = [
-            (box_mask(image.shape, [v * scale for v in region["box"]], border), label)
-            for region, label in zip(regions, labels)
+            (box_mask(shape, [v * scale for v in region["box"]], border), label) for region, label in zip(regions, labels)
         ]
         colours = {label: score_colour(score) for label, score in zip(labels, scores)}
-        return gr.update(value=(image, annotations), color_map=colours)
+        return gr.update(value=(str(display), annotations), color_map=colours)
 
-    def render(self, path: str | None, result: dict | None):
-        """Boxes coloured by each region's highest finding score, the region x finding table, global findings;
-        clears the region and free-text panels, which belong to the previous image."""
-        if path is None or result is None:
-            return None, None, None, None, None
+    def analyse(self, upload: dict | str | None, request: gr.Request):
+        """The page's upload: `interpret`'s result, the out-of-distribution warning, boxes coloured by each region's
+        highest finding score, the region x finding table and the global findings; clears the region and free-text
+        panels, which belong to the previous image. The page's previous upload is deleted."""
+        path = upload_path(upload)
+        self.uploads.show_on_page(request.session_hash if request else None, path)  # the request's hold is the page's
+        if path is None:  # the upload was cleared
+            return None, ood_warning(None), None, None, None, None, None
+        result = self.interpret(path)
         regions = result["regions"]
-        annotated = self._annotated(
-            path, regions, [r["name"] for r in regions], [max(r["scores"].values()) for r in regions]
-        )
+        annotated = self._annotated(path, regions, [r["name"] for r in regions], [max(r["scores"].values()) for r in regions])
         rows = sorted(
             ([r["name"], finding, round(score, 4)] for r in regions for finding, score in r["scores"].items()),
             key=lambda row: row[2],
             reverse=True,
         )
-        return annotated, rows, result["findings"], None, None
+        return result, ood_warning(result), annotated, rows, result["findings"], None, None
 
-    def ask(self, path: str | None, question: str):
+    def ask(self, upload: dict | str | None, question: str):
         """Score a free-text finding in every region; the scores become the boxes' labels and colours."""
+        path = upload_path(upload)
         finding = " ".join((question or "").split())
         if not finding:
             raise _input_error("Type a finding to ask about, e.g. 'pleural effusion'.")
@@ -242,8 +448,7 @@ class AnatomyVLMSpace:
             raise _input_error(f"Keep the finding under {MAX_QUESTION_CHARS} characters.")
         if path is None:
             raise _input_error("Upload a chest X-ray first.")
-        gray = self.read_upload(path)
-        result = self.model.interpret(gray, self.processor, findings=[finding])[0]
+        result = self.model.interpret(self.read_upload(path), self.processor, findings=[finding])[0]
         regions = result["regions"]
         scores = [r["scores"][finding] for r in regions]
         annotated = self._annotated(path, regions, [f"{r['name']}: {s:.2f}" for r, s in zip(regions, scores)], scores)
@@ -262,14 +467,17 @@ class AnatomyVLMSpace:
 
     # ------------------------------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
-        with gr.Blocks(title="Anatomy-VLM") as demo:
+        ttl = self.settings.file_ttl_s
+        with gr.Blocks(title="Anatomy-VLM", analytics_enabled=False, delete_cache=(min(60, ttl), ttl)) as demo:
             gr.Markdown(
                 "# Anatomy-VLM: chest X-ray anatomy and findings\n"
                 "Upload a frontal chest X-ray (PNG, JPEG or DICOM). The model finds 29 anatomical regions and "
                 "scores each finding in each region zero-shot. Box colour: the region's highest finding score "
-                "(green low, red high); click a region in the legend for its scores. "
-                "**Research demo, not for clinical use.**"
+                "(green low, red high); click a region in the legend for its scores. Uploads are deleted when you "
+                f"upload another, close the page, or after {ttl // 60} minutes."
             )
+            gr.Markdown(self.notice, elem_id="model-notice")
+            warning = gr.Markdown(visible=False, elem_id="ood-warning")
             with gr.Row():
                 with gr.Column(scale=1):
                     upload = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", type="filepath")
@@ -291,12 +499,27 @@ class AnatomyVLMSpace:
             )
             with gr.Accordion("JSON (what the /interpret API returns)", open=False):
                 result = gr.JSON(label="interpret")
+            with gr.Group(visible=False):  # the public API's own input and output, never shown on the page
+                api_image = gr.File(label="Chest X-ray (PNG, JPEG or DICOM)", type="filepath")
+                api_result = gr.JSON(label="interpret")
 
-            upload.change(self.interpret, upload, result, api_name="interpret").success(
-                self.render,
-                [upload, result],
-                [annotated, table, findings, region_scores, question_scores],
+            api_image.change(
+                self.interpret_and_delete,
+                api_image,
+                api_result,
+                api_name="interpret",
+                concurrency_id=MODEL_QUEUE,
+                preprocess=False,
+                validator=self.hold_upload,
+            )
+            upload.change(
+                self.analyse,
+                upload,
+                [result, warning, annotated, table, findings, region_scores, question_scores],
                 api_visibility="private",
+                concurrency_id=MODEL_QUEUE,
+                preprocess=False,
+                validator=self.hold_upload,
             )
             gr.on(
                 [question.submit, ask_button.click],
@@ -304,8 +527,11 @@ class AnatomyVLMSpace:
                 [upload, question],
                 [annotated, question_scores],
                 api_visibility="private",
+                concurrency_id=MODEL_QUEUE,
+                preprocess=False,
             )
             annotated.select(self.show_region, result, region_scores, api_visibility="private")
+            demo.unload(self.end_session)
         return demo
 
 
@@ -313,7 +539,7 @@ def launch(settings: Settings | None = None, **launch_kwargs) -> tuple[gr.Blocks
     """Build the app and serve it; `launch_kwargs` go to `Blocks.launch` (e.g. `prevent_thread_lock=True`)."""
     settings = settings or Settings.from_env()
     space = AnatomyVLMSpace(settings)
-    demo = space.build().queue(default_concurrency_limit=settings.concurrency)
+    demo = space.build().queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
     demo.launch(
         max_file_size=int(settings.max_upload_mb * 2**20),
         allowed_paths=[str(space.examples_dir)],

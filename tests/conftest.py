@@ -1,3 +1,6 @@
+import io
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +9,8 @@ import pytest
 from modeling_anatomy_vlm import AnatomyVLMConfig, AnatomyVLMModel, AnatomyVLMProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
+# Real public files some tests read (IU-Xray reports, the SIIM-ACR RLE CSV) ship in this wheel; `make test` fetches it.
+WHEELS = ROOT / ".cache" / "wheels"
 
 TINY_VISION = dict(
     model_type="vit", image_size=64, patch_size=16, hidden_size=64, num_hidden_layers=2,
@@ -16,6 +21,22 @@ TINY_VISION = dict(
 def tiny_config(**overrides) -> AnatomyVLMConfig:
     """A small ViT (64 px, 2 layers) with the embedded MiniLM text tower."""
     return AnatomyVLMConfig(vision_config=dict(TINY_VISION), projection_dim=32, **overrides)
+
+
+def tiny_train_config(data_root, output_dir, steps=(2, 2, 2), **training) -> dict:
+    """A three-stage training config (dict form) of the tiny model on `data_root`, batch 4, no logging."""
+    return {
+        "model": {"vision_config": dict(TINY_VISION), "projection_dim": 32},
+        "data": {"root": str(data_root), "num_workers": 0, "on_error": "skip"},
+        "training": {"output_dir": str(output_dir), "batch_size": 4, "log_with": None, "log_every": 1,
+                     "checkpoint_every": 0, **training},
+        "stages": [
+            {"name": "detection", "steps": steps[0], "lr": 1e-3, "loss_weights": {"anatomy": 1.0}},
+            {"name": "global", "steps": steps[1], "lr": 5e-4, "warmup_steps": 1, "loss_weights": {"anatomy": 1.0, "global": 1.0}},
+            {"name": "fine", "steps": steps[2], "lr": 5e-4, "loss_weights": {"anatomy": 1.0, "global": 1.0, "fine": 1.0}},
+        ],
+    }
+
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +116,18 @@ def dataset_cache(tmp_path, monkeypatch):
     """A private Arrow cache directory for the loaders."""
     monkeypatch.setenv("ANATOMY_VLM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def real_reports(tmp_path_factory):
+    """The folder of the 3,955 real Open-i reports (``ecgen-radiology/*.xml``) from ``data/NLMCXR_reports.tgz`` in
+    the torchxrayvision wheel (no images)."""
+    wheels = sorted(WHEELS.glob("torchxrayvision-*.whl"))
+    if not wheels:
+        pytest.skip(f"no torchxrayvision wheel in {WHEELS} (make test downloads it)")
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        archive = wheel.read("torchxrayvision/data/NLMCXR_reports.tgz")
+    root = tmp_path_factory.mktemp("nlmcxr")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root, filter="data")
+    return root / "ecgen-radiology"

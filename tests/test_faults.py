@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 import shutil
 import socket
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, write_dicom
 from modeling_anatomy_vlm import AnatomyVLMConfig, ImageLoadError
 from modeling_anatomy_vlm.image_processing_anatomy_vlm import load_grayscale
-from test_train import tiny_train_config
+from conftest import tiny_train_config
 from train.data.common import file_signature
 from train.data.imagenome import load_imagenome
 from train.engine import train
@@ -52,15 +53,17 @@ def test_a_missing_folder_is_an_error_naming_it_without_asking_the_hub(value, no
 
 def test_a_folder_loads_offline_and_the_hub_only_by_name_at_a_pinned_commit(tiny_model_and_processor, tmp_path,
                                                                             monkeypatch, no_network):
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoProcessor
 
     model, processor = tiny_model_and_processor
     model.save_pretrained(tmp_path / "org" / "name")
+    processor.save_pretrained(tmp_path / "org" / "name")
     monkeypatch.chdir(tmp_path)
     location, options = resolve_model_location("org/name")  # a Hub-id-shaped name that is a local folder
     assert (location, options) == ("org/name", {"trust_remote_code": True, "local_files_only": True})
     loaded = AutoModel.from_pretrained(location, **options)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
+    assert AutoProcessor.from_pretrained(location, **options).image_processor.size == processor.image_processor.size
 
     assert resolve_model_location(f"hf://org/name@{COMMIT}") == (
         "org/name", {"trust_remote_code": True, "revision": COMMIT})
@@ -72,6 +75,9 @@ def test_a_folder_loads_offline_and_the_hub_only_by_name_at_a_pinned_commit(tiny
     for malformed in ("hf://", "hf://org/name/extra", "hf://org/name@"):
         with pytest.raises(ValueError, match="not a Hub reference"):
             resolve_model_location(malformed)
+    assert resolve_model_location("name", base=tmp_path / "org")[0] == str(tmp_path / "org" / "name")
+    with pytest.raises(FileNotFoundError, match=rf"outptus/quickstart: no such model folder \({tmp_path}/outptus"):
+        resolve_model_location("outptus/quickstart", base=tmp_path)
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="weights.safetensors: is a file"):
         resolve_model_location("weights.safetensors")
@@ -100,7 +106,9 @@ def test_a_folder_signature_covers_every_file_under_it(tmp_path):
     (tmp_path / "a" / "y.json").write_text("{}")
     before = file_signature(tmp_path / "a")
     assert before.startswith("2 files:")
-    (tmp_path / "a" / "b" / "x.json").write_text("[]")  # same size, later mtime
+    edited = tmp_path / "a" / "b" / "x.json"
+    edited.write_text("[]")  # same size; the mtime set apart explicitly (two writes can share a clock tick)
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 1_000_000))
     assert file_signature(tmp_path / "a") != before
     assert file_signature(tmp_path / "missing") == "missing"
 

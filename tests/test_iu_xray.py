@@ -1,11 +1,7 @@
 """IU-Xray loader on hand-written Open-i XML reports, and on the real reports shipped in the torchxrayvision wheel."""
 
 import functools
-import io
 import logging
-import tarfile
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +15,6 @@ from train.data.iu_xray import read_report
 DEFAULTS = AnatomyVLMConfig()
 load_iu_xray = functools.partial(load_iu_xray_with, region_names=DEFAULTS.region_names, findings=DEFAULTS.findings)
 
-WHEELS = Path(__file__).resolve().parents[1] / ".cache" / "wheels"
 
 
 def _xml(uid, findings, impression, mesh=(), images=(), comparison="None.", indication="XXXX-year-old male, cough."):
@@ -194,20 +189,6 @@ def test_wrong_paths_name_what_is_missing(tmp_path, iu_dirs):
 
 
 # --------------------------------------------------------------------------------------------- real reports
-@pytest.fixture(scope="module")
-def real_reports(tmp_path_factory):
-    """The 3,955 Open-i reports from ``data/NLMCXR_reports.tgz`` in the torchxrayvision wheel (no images)."""
-    wheels = sorted(WHEELS.glob("torchxrayvision-*.whl"))
-    if not wheels:
-        pytest.skip(f"no torchxrayvision wheel in {WHEELS} (pip download torchxrayvision --no-deps -d .cache/wheels)")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        archive = wheel.read("torchxrayvision/data/NLMCXR_reports.tgz")
-    root = tmp_path_factory.mktemp("nlmcxr")
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(root, filter="data")
-    return root / "ecgen-radiology"
-
-
 def test_every_real_report_parses(real_reports):
     reports = [read_report(path) for path in real_reports.glob("*.xml")]
     assert len(reports) > 3900

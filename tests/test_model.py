@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel

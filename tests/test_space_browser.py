@@ -27,7 +27,7 @@ def page(tmp_path_factory):
     demo.close()
 
 
-def test_upload_shows_boxes_legend_table_and_region_scores(page, tmp_path):
+def test_upload_shows_boxes_legend_table_notice_and_region_scores(page, tmp_path):
     page.locator("input[type=file]").first.set_input_files(page.example_path)
 
     masks = page.locator("#regions img.mask")
@@ -41,6 +41,10 @@ def test_upload_shows_boxes_legend_table_and_region_scores(page, tmp_path):
     assert cells and all(region in ANATOMICAL_REGIONS for region, _, _ in cells)
     scores = [float(score) for _, _, score in cells]
     assert scores == sorted(scores, reverse=True)
+
+    sync_api.expect(page.locator("#model-notice")).to_contain_text("trained on synthetic phantoms only")
+    sync_api.expect(page.locator("#model-notice")).to_contain_text("no clinical meaning")
+    sync_api.expect(page.get_by_text("unlike the images the model was trained on")).to_have_count(0)  # not flagged
 
     page.get_by_role("button", name="cardiac silhouette", exact=True).click()  # AnnotatedImage select
     sync_api.expect(page.get_by_text("cardiac silhouette: finding scores")).to_be_visible()

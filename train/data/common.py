@@ -172,7 +172,8 @@ def default_cache_dir() -> Path:
 def file_signature(path) -> str:
     """What a cache key needs to see any change to a source: a file's size and mtime; for a folder, a digest of
     every file's (relative path, size, mtime_ns) under it, so a file edited in place is seen, not only one added or
-    removed. No file is read: one `os.scandir` walk and a stat per file (240k files: about 1 s on a local disk).
+    removed. No file is read: one `os.scandir` walk and a stat per file (240k files: about 1.2 s on a local disk
+    with its metadata cached, flat or in nested folders).
     """
     try:
         st = os.stat(path)

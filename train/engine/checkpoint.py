@@ -2,8 +2,8 @@
 
 A checkpoint is written whole or not at all: Accelerate writes every file into `checkpoints/step_N.partial/`,
 `trainer_state.json` goes in last, the files are flushed to disk, and only then is the folder renamed to `step_N`.
-A run killed at any point leaves complete `step_N` folders and at most one `.partial` folder, which the next save
-removes. A `step_N` whose `trainer_state.json` does not parse (damaged after the fact) is incomplete: `--resume
+A run killed at any point leaves complete `step_N` folders and perhaps an unfinished `.partial` one, which the next
+save removes. A `step_N` whose `trainer_state.json` does not parse (damaged after the fact) is incomplete: `--resume
 latest` warns and takes the newest complete one before it.
 
 Frozen parameters (`requires_grad=False`: the text tower, a LoRA base, a frozen segmentation encoder) never change
@@ -98,8 +98,9 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def _publish(partial: Path, folder: Path) -> None:
-    """Rename a fully written `partial` folder to `folder`, replacing an existing one only once the new one is in
-    place (a kill in between leaves `folder.replaced`, removed by the next save, and the new `folder`)."""
+    """Rename a fully written `partial` folder to `folder`. An existing `folder` (the same step written again after
+    resuming from an earlier checkpoint) is moved aside first and removed after; a kill between the two renames
+    loses this step only, as `.replaced` and `.partial` folders that the next save removes."""
     _fsync_tree(partial)
     replaced = folder.with_name(folder.name + REPLACED)
     if folder.exists():
@@ -234,7 +235,8 @@ def check_replicas(accelerator, model, output_dir: Path) -> None:
 
 
 def save_final(accelerator, model, processor, output_dir: Path, lora: bool) -> None:
-    """`model/`: a plain checkpoint (LoRA merged in); `adapter/`: the LoRA adapters on their own.
+    """`model/`: a plain checkpoint (LoRA merged in) with its default findings' prompt embeddings precomputed
+    (`prompt_embeds.safetensors`, so its first `interpret` runs no text tower); `adapter/`: the LoRA adapters on their own.
 
     Each folder is written under a `.partial` name and renamed when complete, so a `model/` is never half written.
     """
@@ -249,12 +251,41 @@ def save_final(accelerator, model, processor, output_dir: Path, lora: bool) -> N
         model = copy.deepcopy(model).merge_and_unload()
         state_dict = None
 
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
     def save_model(folder: str) -> None:
         model.save_pretrained(folder, state_dict=state_dict)
         processor.save_pretrained(folder)
+        if not hasattr(model, "save_prompt_embeds"):  # a model without zero-shot prompts (segmentation)
+            return
+        if sharded:  # this process holds a shard of the text tower only
+            logger.info("prompt embeddings not precomputed under sharded training: the first interpret embeds them")
+            return
+        model.save_prompt_embeds(folder, processor, _text_cache_outputs(output_dir / "text_cache", model))
 
     _save_folder(output_dir / "model", save_model)
     logger.info("saved model + processor to %s", output_dir / "model")
+
+
+def _text_cache_outputs(path: Path, model) -> dict[str, torch.Tensor]:
+    """The run's text-cache vectors of `model`'s default prompts, so writing `prompt_embeds.safetensors` runs no text
+    tower; none when the cache is float16 (the file holds exact float32 outputs) or was made by another encoder.
+    `path` is where `AnatomyVLMTask` keeps the cache."""
+    from train.text.cache import TextEmbeddingCache, encoder_fingerprint
+    from train.text.region_texts import normalize_text
+
+    try:
+        cache = TextEmbeddingCache.open(path)
+    except FileNotFoundError:
+        return {}
+    if cache.dtype != "float32" or cache.fingerprint != encoder_fingerprint(model):
+        return {}
+    prompts = dict.fromkeys(text for group in model.prompt_groups(model.config.findings) for text in group)
+    texts = [text for text in prompts if normalize_text(text) == text and text in cache]  # the cache's own keys
+    return dict(zip(texts, cache.lookup(texts))) if texts else {}
 
 
 def _save_folder(folder: Path, write) -> None:

@@ -21,24 +21,28 @@ REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def resolve_model_location(value, trust_remote_code: bool = True) -> tuple[str, dict]:
+def resolve_model_location(value, trust_remote_code: bool = True, base=None) -> tuple[str, dict]:
     """`(name_or_path, from_pretrained kwargs)` for a checkpoint named by `value` (see the module docstring).
 
         location, options = resolve_model_location(path)
         model = AutoModel.from_pretrained(location, **options)
 
-    The kwargs hold `trust_remote_code`, and `local_files_only=True` for a folder or the pinned `revision` for the
-    Hub. Raises `FileNotFoundError` naming a missing folder (or a file given as one) and `ValueError` for a
-    malformed Hub reference or remote code without a pinned commit.
+    A relative folder is taken relative to `base` when given (config values: the repository root), else to the
+    working directory. The kwargs hold `trust_remote_code`, and `local_files_only=True` for a folder or the pinned
+    `revision` for the Hub. Raises `FileNotFoundError` naming a missing folder (or a file given as one) and
+    `ValueError` for a malformed Hub reference or remote code without a pinned commit.
     """
     value = str(value)
     if value.startswith(HUB_PREFIX):
         return _hub_location(value, trust_remote_code)
     folder = Path(value).expanduser()
+    if base is not None and not folder.is_absolute():
+        folder = Path(base) / folder
     if not folder.exists():
+        where = f" ({folder})" if str(folder) != value else ""
         raise FileNotFoundError(
-            f"{value}: no such model folder (for a Hugging Face Hub repository write "
-            f"{HUB_PREFIX}org/name@<commit>)")
+            f"{value}: no such model folder{where}; for a Hugging Face Hub repository write "
+            f"{HUB_PREFIX}org/name@<commit>")
     if not folder.is_dir():
         raise FileNotFoundError(f"{value}: is a file; give the model folder (it holds config.json)")
     return str(folder), {"trust_remote_code": trust_remote_code, "local_files_only": True}

@@ -1,4 +1,5 @@
-"""The evaluation's figures: ROC curves per finding, the region x finding AUC heat map, predicted vs true boxes."""
+"""The evaluation's figures: ROC curves per finding, the region x finding AUC heat map, predicted vs true boxes,
+reliability diagrams."""
 
 from __future__ import annotations
 
@@ -93,6 +94,34 @@ def plot_boxes(dataset, pred: Predictions, region_names, path, num_images: int =
         ax.set_title(str(pred.image_ids[n])[:24], fontsize=7)
         ax.axis("off")
     fig.suptitle("region boxes: true solid, predicted dashed (colour = region)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(effect: dict, path, split: str) -> None:
+    """Reliability diagram per head (`train.eval.calibration.calibration_effect`): observed frequency of positives
+    against mean predicted probability per bin, before and after calibration, with each bin's share of labels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(effect), figsize=(4.2 * len(effect), 4.2), squeeze=False)
+    for ax, (head, values) in zip(axes[0], effect.items()):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        for when, colour in (("before", "tab:red"), ("after", "tab:blue")):
+            curve = values[f"curve_{when}"]
+            filled = curve["count"] > 0
+            ax.plot(curve["confidence"][filled], curve["frequency"][filled], "o-", ms=3, lw=1.2, color=colour,
+                    label=f"{when}: ECE {values[f'ece_{when}']:.3f}")
+            edges = np.linspace(0, 1, len(curve["count"]) + 1)
+            share = curve["count"] / max(curve["count"].sum(), 1)
+            ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", alpha=0.15, color=colour)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted probability", fontsize=8)
+        ax.set_ylabel("frequency of positives (bars: share of labels)", fontsize=8)
+        ax.set_title(f"{head} head ({values['labels']} labels, {values['positives']} positive)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"reliability before / after Platt scaling: {split}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,6 +19,7 @@ import torch
 
 from train.config import DataConfig
 from train.data.registry import DATASETS, load_mask_split
+from train.engine.hub import resolve_model_location
 
 
 def mask_scores(logits: torch.Tensor, labels: torch.Tensor, valid_mask: torch.Tensor | None = None):
@@ -70,8 +71,9 @@ def evaluate_segmentation(model_dir, data, split: str = "test", out_dir=None, ba
     if not isinstance(data, DataConfig):
         data = DataConfig(dataset="phantom", root=str(data))
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
+    location, options = resolve_model_location(model_dir)
+    model = AutoModelForSemanticSegmentation.from_pretrained(location, **options).eval()
+    processor = AutoProcessor.from_pretrained(location, **options)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     dataset = load_mask_split(data, split, names)
     dataset.set_transform(make_segmentation_transform(processor, names))

@@ -50,10 +50,11 @@ def split_fingerprint(dataset) -> dict:
 
 
 def weights_fingerprint(model_dir) -> str:
-    """sha256 over the checkpoint's weight files: thresholds of other weights must not be reused."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
+    """sha256 over the checkpoint's weight files: thresholds of other weights must not be reused. Other
+    safetensors files next to them (``calibration.safetensors``) are not weights."""
+    files = sorted(Path(model_dir).glob("model*.safetensors")) or sorted(Path(model_dir).glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no model weights (*.safetensors / pytorch_model*.bin)")
+        raise FileNotFoundError(f"{model_dir}: no model weights (model*.safetensors / pytorch_model*.bin)")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())

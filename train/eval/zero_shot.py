@@ -41,9 +41,15 @@ Where the labels come from:
 Label policy: findings the source does not mention count as absent (``--unmentioned negative``, Chest ImaGenome
 practice) or are left out (``--unmentioned unknown``).
 
+Calibration: a checkpoint with ``calibration.safetensors`` (`train.eval.calibration`) gets a ``calibration``
+section: the expected calibration error of each head before and after its Platt scaling, on the validation split
+it was fitted on (recorded in the file) and on the evaluated split, and how many of the evaluated images get an
+out-of-distribution warning. Scores, thresholds and every other metric stay those of the raw scores (the scaling
+is monotone: AUC and AP are the same).
+
 Outputs in ``--out`` (default ``<model>/../evaluation/<dataset>-<split>``): ``metrics.json``, ``roc_global.png``,
 ``region_auc_heatmap.png`` (regions x findings), ``boxes.png`` (predicted dashed vs true solid, 4 images;
-`train.eval.plots`); a readable table on stdout.
+`train.eval.plots`), with a calibration ``reliability.png`` (before / after, per head); a readable table on stdout.
 """
 
 from __future__ import annotations
@@ -60,11 +66,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modeling_anatomy_vlm.calibration_anatomy_vlm import image_statistics
 from train.config import DataConfig
 from train.data.common import make_transform
+from train.engine.hub import resolve_model_location
 from train.data.registry import DATASETS as REGISTRY, load_finding_split
 from train.eval.metrics import bootstrap_ci, load_metric
-from train.eval.plots import plot_boxes, plot_region_heatmap, plot_roc_curves
+from train.eval.plots import plot_boxes, plot_region_heatmap, plot_reliability, plot_roc_curves
 from train.eval.thresholds import FALLBACK_THRESHOLD, decision_thresholds
 from train.text.vocabulary import mirror_pairs
 
@@ -88,6 +96,10 @@ class Predictions:
     global_scores: np.ndarray  # [N, F]
     region_labels: np.ndarray  # [N, R, F] 1 / 0 / -1
     global_labels: np.ndarray  # [N, F] 1 / 0 / -1
+    region_log_odds: np.ndarray  # [N, R, F] the logits under region_scores (what calibration scales)
+    global_logits: np.ndarray  # [N, F] the logits under global_scores
+    image_embeds: np.ndarray  # [N, D] what the OOD statistics compare
+    image_statistics: np.ndarray  # [N, M] `calibration_anatomy_vlm.image_statistics` of the processed image
 
     def labels(self, unmentioned_as_negative: bool) -> tuple[np.ndarray, np.ndarray]:
         """(global `[N, F]`, region `[N, R, F]`) labels under the label policy: unmentioned (-1) becomes absent (0)
@@ -107,13 +119,15 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
     prompts = model.prompt_embeds(findings, processor.tokenizer)
     dataset = dataset.with_transform(make_transform(processor, on_error="skip"))
     out = {k: [] for k in ("image_ids", "pred_boxes", "true_boxes", "region_scores", "global_scores",
-                           "region_labels", "global_labels")}
+                           "region_labels", "global_labels", "region_log_odds", "global_logits", "image_embeds",
+                           "image_statistics")}
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", unit="batch", disable=not progress):
         batch = dataset[start : start + batch_size]
         keep = [i for i, ok in enumerate(batch["image_ok"]) if ok]
         if not keep:
             continue
-        scores = model.zero_shot_scores(torch.stack([batch["pixel_values"][i] for i in keep]), prompts)
+        pixel_values = torch.stack([batch["pixel_values"][i] for i in keep])
+        scores = model.zero_shot_scores(pixel_values, prompts)
         sizes = torch.stack([batch["original_sizes"][i] for i in keep])
         boxes = processor.post_process_boxes(scores["pred_boxes"].float().cpu(), sizes)
         out["image_ids"] += [batch["image_id"][i] for i in keep]
@@ -123,6 +137,9 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
         out["global_scores"].append(scores["global_scores"].float().cpu().numpy())
         out["region_labels"].append(np.stack([np.asarray(batch["region_labels"][i]) for i in keep]))
         out["global_labels"].append(np.stack([np.asarray(batch["global_labels"][i]) for i in keep]))
+        for key in ("region_log_odds", "global_logits", "image_embeds"):
+            out[key].append(scores[key].float().cpu().numpy())
+        out["image_statistics"].append(image_statistics(pixel_values, sizes, processor.image_processor).numpy())
     if not out["image_ids"]:
         raise ValueError("evaluate: no readable images in the split")
     return Predictions(out["image_ids"], *(np.concatenate(out[k]) for k in list(out)[1:]))
@@ -358,10 +375,12 @@ def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negat
 
 # ----------------------------------------------------------------------------------------------- running
 def load_checkpoint(path):
+    """Model + processor from a local folder, or from `hf://org/name@<commit>` (`train.engine.hub`)."""
     from transformers import AutoModel, AutoProcessor
 
-    model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+    location, options = resolve_model_location(path)
+    model = AutoModel.from_pretrained(location, **options)
+    processor = AutoProcessor.from_pretrained(location, **options)
     return model.eval(), processor
 
 
@@ -419,6 +438,15 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
         "bootstrap": {"n_resamples": n_bootstrap, "alpha": BOOTSTRAP_ALPHA, "seed": seed},
         **compute_metrics(pred, region_names, findings, thresholds, unmentioned_as_negative, n_bootstrap, seed, tasks),
     }
+    metrics["calibration"], calibration_effect = None, None
+    if model.calibration is not None:
+        from train.eval.calibration import evaluate_calibration  # (it imports this module)
+
+        heads = tuple(task for task in ("global", "region") if task in tasks)
+        section, calibration_effect = evaluate_calibration(model.calibration, pred, unmentioned_as_negative, heads)
+        info = model.calibration.info
+        metrics["calibration"] = {"fitted_on": info.get("validation"), "validation_ece": info.get("validation_ece"),
+                                  **section}
     out_dir = Path(out_dir) if out_dir else model_dir.parent / "evaluation" / f"{dataset}-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["plots"] = []
@@ -432,6 +460,9 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
             metrics["plots"].append("region_auc_heatmap.png")
         plot_boxes(test_set, pred, region_names, out_dir / "boxes.png")
         metrics["plots"].append("boxes.png")
+        if calibration_effect is not None:
+            plot_reliability(calibration_effect, out_dir / "reliability.png", f"{dataset} {split} split")
+            metrics["plots"].append("reliability.png")
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     metrics["out_dir"] = str(out_dir)
@@ -439,12 +470,13 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
 
 
 # ------------------------------------------------------------------------------------------------- table
-def _cell(value, digits: int = 3) -> str:
+def format_number(value, digits: int = 3) -> str:
+    """A value of the tables: `digits` decimals, "n/a" for None (undefined)."""
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _with_ci(value, interval) -> str:
-    return _cell(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    return format_number(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
 def format_table(metrics: dict) -> str:
@@ -460,8 +492,9 @@ def format_table(metrics: dict) -> str:
     lines += ["", f"global zero-shot ({section['num_classes']} classes, {len(section['undefined'])} undefined)",
               f"{'finding':<38} {'pos':>5} {'AUC':>6} {'AP':>6} {'BMAC':>6} {'F1':>6} {'thr':>6}"]
     for name, v in section["per_class"].items():
-        lines.append(f"{name[:38]:<38} {v['positives']:>5} " + " ".join(f"{_cell(v[k]):>6}" for k in CLASS_METRICS)
-                     + f" {_cell(v['threshold']):>6}")
+        lines.append(f"{name[:38]:<38} {v['positives']:>5} "
+                     + " ".join(f"{format_number(v[k]):>6}" for k in CLASS_METRICS)
+                     + f" {format_number(v['threshold']):>6}")
     ci = section["ci95"] or {}
     lines.append("macro (95% CI):  " + "  ".join(f"{k.upper()} {_with_ci(section['macro'][k], ci.get(k))}"
                                                  for k in CLASS_METRICS))
@@ -483,6 +516,20 @@ def format_table(metrics: dict) -> str:
         section = metrics["laterality"]
         lines.append(f"laterality accuracy: {_with_ci(section['accuracy'], section['ci95'])} "
                      f"({section['num_trials']} trials)")
+    if metrics["calibration"] is not None:
+        section = metrics["calibration"]
+        fitted_on = section["fitted_on"] or {}
+        lines += ["", f"calibration (Platt scaling per head, fitted on the {fitted_on.get('split', '?')} split, "
+                      f"{fitted_on.get('num_images', '?')} images): expected calibration error before -> after"]
+        for head, ece in section["ece"].items():
+            validation = (section["validation_ece"] or {}).get(head)
+            shown = "n/a" if validation is None else (f"{format_number(validation['ece_before'], 4)} -> "
+                                                      f"{format_number(validation['ece_after'], 4)}")
+            lines.append(f"  {head:<7} {fitted_on.get('split', 'validation')}: {shown}   {metrics['split']}: "
+                         f"{format_number(ece['ece_before'], 4)} -> {format_number(ece['ece_after'], 4)}")
+        ood = section["ood"]
+        lines.append(f"out-of-distribution warnings: {ood['warnings']} of {ood['images']} images "
+                     f"(threshold {ood['threshold']:.3f}, highest score {ood['max_score']:.3f})")
     return "\n".join(lines)
 
 

@@ -5,7 +5,10 @@
 1. generates the phantom set named in the config (kept for later runs),
 2. trains the small default model through all three stages (`train.engine`; an interrupted run resumes from its
    last checkpoint, a finished one with the same config is reused),
-3. evaluates it on the held-out phantom test split (`train.eval.zero_shot`) and writes
+3. calibrates it (`train.eval.calibration`): Platt scaling of its probabilities on the phantom validation split,
+   out-of-distribution statistics of the training images; `model/calibration.safetensors`, which `interpret` applies
+   (a reused model keeps a calibration that still matches it),
+4. evaluates it on the held-out phantom test split (`train.eval.zero_shot`) and writes
    `outputs/quickstart/eval.json`, then prints a summary table and one interpreted image.
 """
 
@@ -23,6 +26,7 @@ import yaml
 from train.config import DEFAULT_CONFIG, load_config, resolve_path
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint
+from train.eval.calibration import calibrate_checkpoint, format_report
 from train.eval.zero_shot import evaluate_checkpoint, load_checkpoint
 
 # The acceptance targets of the quickstart (issue: training); printed next to the measured values.
@@ -54,9 +58,14 @@ def main(argv=None) -> dict:
         train(config, resume=resume)
     trained = time.perf_counter()
 
+    calibration = calibrate_checkpoint(model_dir, config.data, train_split=config.data.train_split,
+                                       val_split=config.data.val_split,
+                                       unmentioned_as_negative=config.data.unmentioned_as_negative)
+    print(f"\n{format_report(calibration)}")
     metrics = evaluate_checkpoint(model_dir, config.data, "test",
                                   unmentioned_as_negative=config.data.unmentioned_as_negative)
     metrics["train_seconds"] = round(trained - start, 1)
+    metrics["calibration"] = {key: calibration[key] for key in ("validation_ece", "platt", "ood")}
     metrics["total_seconds"] = round(time.perf_counter() - start, 1)
     (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
 
@@ -83,6 +92,9 @@ def main(argv=None) -> dict:
         box = ", ".join(f"{v:.0f}" for v in region["box"])
         print(f"{region['name']:<26} {box:<24} " + " ".join(f"{region['scores'][f]:>12.3f}" for f in findings))
     print("global: " + ", ".join(f"{f} {p:.3f}" for f, p in result["findings"].items()))
+    ood = result["ood"]
+    print(f"out-of-distribution score {ood['score']:.2f} (threshold {ood['threshold']:.2f}): "
+          f"{'WARNING, unlike the training images' if ood['warning'] else 'like the training images'}")
     print("report: " + " ".join(example["report"].split())[:300])
     return metrics
 

@@ -115,7 +115,8 @@ def pipeline_mismatches(result: dict) -> list[str]:
                 continue
             box = [found["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")]
             if not _close(found["score"], score, SCORE_ATOL):
-                problems.append(f"zero-shot-object-detection ({region['name']}, {finding}): {found['score']} vs {score}")
+                problems.append(f"zero-shot-object-detection ({region['name']}, {finding}): "
+                                f"{found['score']} vs {score}")
             if not all(_close(a, b, BOX_ATOL) for a, b in zip(box, region["box"])):
                 problems.append(f"zero-shot-object-detection {region['name']} box {box} vs {region['box']}")
     problems += [f"zero-shot-object-detection: unexpected result {key}" for key in detections]
@@ -138,16 +139,19 @@ def output_mismatches(reference: dict, result: dict) -> list[str]:
     for finding, score in ref["findings"].items():
         if not _close(got["findings"].get(finding, float("nan")), score, SCORE_ATOL):
             problems.append(f"interpret finding {finding}: {got['findings'].get(finding)} vs {score}")
-    for theirs, ours in zip(got["regions"], ref["regions"], strict=True):
-        if theirs["name"] != ours["name"] or not all(_close(a, b, BOX_ATOL) for a, b in zip(theirs["box"], ours["box"])):
+    if [r["name"] for r in got["regions"]] != [r["name"] for r in ref["regions"]]:
+        problems.append("interpret regions differ")
+    for theirs, ours in zip(got["regions"], ref["regions"]):
+        if not all(_close(a, b, BOX_ATOL) for a, b in zip(theirs["box"], ours["box"])):
             problems.append(f"interpret region {ours['name']}: box {theirs['box']} vs {ours['box']}")
-        problems += [f"interpret ({ours['name']}, {f}): {theirs['scores'].get(f)} vs {s}" for f, s in ours["scores"].items()
+        problems += [f"interpret ({ours['name']}, {f}): {theirs['scores'].get(f)} vs {s}"
+                     for f, s in ours["scores"].items()
                      if not _close(theirs["scores"].get(f, float("nan")), s, SCORE_ATOL)]
-    for task in ("image_embeds", "region_embeds"):
-        a = _flat(reference["pipelines"]["image-feature-extraction"]["output"][task])
-        b = _flat(result["pipelines"]["image-feature-extraction"]["output"][task])
+    for key in ("image_embeds", "region_embeds"):
+        a = _flat(reference["pipelines"]["image-feature-extraction"]["output"][key])
+        b = _flat(result["pipelines"]["image-feature-extraction"]["output"][key])
         if len(a) != len(b) or not all(_close(x, y, SCORE_ATOL) for x, y in zip(a, b)):
-            problems.append(f"image-feature-extraction {task} differ by more than {SCORE_ATOL}")
+            problems.append(f"image-feature-extraction {key} differ by more than {SCORE_ATOL}")
     return problems + pipeline_mismatches(result)
 
 
@@ -205,8 +209,10 @@ def version_python(version: str) -> Path:
     if stamp.is_file():
         return python
     venv.EnvBuilder(clear=True, with_pip=True).create(root)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    f"transformers=={version}"], check=True, timeout=900)
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              f"transformers=={version}"], capture_output=True, text=True, timeout=900)
+    if install.returncode:
+        raise RuntimeError(f"pip install transformers=={version} failed:\n{install.stderr[-4000:]}")
     # After the install, so pip resolves transformers' own dependencies into this venv (they shadow ours).
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
             problems = output_mismatches(reference, result)
             if result["transformers"] != version:
                 problems.insert(0, f"ran transformers {result['transformers']}, not {version}")
-        except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+        except (RuntimeError, subprocess.SubprocessError) as err:
             problems = [str(err)]
         failures += [f"{version}: {p}" for p in problems]
         status = "ok" if not problems else f"FAILED, {len(problems)} differences"

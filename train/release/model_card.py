@@ -6,13 +6,16 @@
 The card is made with huggingface_hub's `ModelCard` / `ModelCardData`: YAML metadata (``library_name:
 transformers``, ``pipeline_tag: zero-shot-image-classification``, ``license: apache-2.0``, tags, datasets,
 metrics, and a ``model-index`` built from an evaluation JSON: `train.eval.zero_shot`'s ``metrics.json`` or the
-quickstart's ``eval.json``), then intended use, limitations, training data (from ``train_config.yaml`` next to
-the model folder, when there), the prompt templates of the checkpoint's config and how to load it with
-``trust_remote_code=True``. Without ``--eval``, ``<model>/../evaluation/imagenome-test/metrics.json`` or
-``<model>/../eval.json`` is used when present; without any, the card has no ``model-index``.
+quickstart's ``eval.json``), then the `SECTIONS` the best medical cards carry (RAD-DINO, MAIRA-2): model details
+and prompts, intended and out-of-scope use, training data (from ``train_config.yaml`` next to the model folder,
+when there) and preprocessing, evaluation with what each number means, bias, risks and limitations, compute, the
+commands that reproduce each number, how to use it (``trust_remote_code=True``, the pipelines, the transformers
+range of pyproject.toml), the licence of every part, citation. Without ``--eval``,
+``<model>/../evaluation/imagenome-test/metrics.json`` or ``<model>/../eval.json`` is used when present; without
+any, the card has no ``model-index``.
 
 `validate_card` reads the file back with `metadata_load`, `ModelCard.load` and `model_index_to_eval_results`,
-all offline (a local `Path` is never looked up on the Hub).
+all offline (a local `Path` is never looked up on the Hub), and checks that every section is there.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import yaml
 
 from modeling_anatomy_vlm.text_encoder_anatomy_vlm import EMBEDDED_TEXT_ENCODER
 from train.config import REPO_ROOT
+from train.release.compat import supported_range
 
 CARD_NAME = "README.md"
 PIPELINE_TAG = "zero-shot-image-classification"
@@ -59,20 +64,20 @@ CONTRACT_KEYS = {"global_auc_macro": ("global", "auc"), "region_auc_macro": ("re
 SECTIONS = ("Model details", "Intended use", "Out-of-scope use", "Training data and preprocessing", "Evaluation",
             "Bias, risks and limitations", "Compute", "How to reproduce", "How to use", "License", "Citation")
 
-# What each number of the evaluation means, by (metrics.json section, key).
+# What each number of the evaluation means, by (metrics.json section, metric type).
 METRIC_MEANINGS = {
-    ("global", "auc"): "image level: per finding, how well the image score (sigmoid of the image-vs-finding logit) "
+    ("global", "roc_auc"): "image level: per finding, how well the image score (sigmoid of the image-vs-finding logit) "
                        "ranks images with the finding above images without it (ROC AUC), averaged over findings",
-    ("global", "ap"): "image level: average precision per finding, averaged over findings",
+    ("global", "average_precision"): "image level: average precision per finding, averaged over findings",
     ("global", "bmac"): "image level: balanced accuracy (mean of sensitivity and specificity) at each finding's "
                         "threshold chosen on the validation split, averaged",
     ("global", "f1"): "image level: F1 at the validation-chosen thresholds, averaged over findings",
-    ("region", "auc"): "anatomy-wise: the same ROC AUC per (region, finding) pair with positives in the split, "
+    ("region", "roc_auc"): "anatomy-wise: the same ROC AUC per (region, finding) pair with positives in the split, "
                        "scored by that region's prompt-pair softmax, averaged over pairs",
-    ("region", "ap"): "anatomy-wise: average precision per (region, finding) pair, averaged",
+    ("region", "average_precision"): "anatomy-wise: average precision per (region, finding) pair, averaged",
     ("region", "bmac"): "anatomy-wise: balanced accuracy at validation-chosen thresholds, averaged over pairs",
     ("region", "f1"): "anatomy-wise: F1 at validation-chosen thresholds, averaged over pairs",
-    ("detection", "miou"): "mean IoU of each region's predicted box with its annotated box, averaged over regions",
+    ("detection", "mean_iou"): "mean IoU of each region's predicted box with its annotated box, averaged over regions",
     ("detection", "map"): "COCO-style AP averaged over IoU .50:.95, one box per region and no confidence score "
                           "(so about the square of the share of boxes above each IoU)",
     ("detection", "map_50"): "the same AP at IoU .5",
@@ -160,8 +165,11 @@ Preprocessing (`AnatomyVLMImageProcessor`, shipped with the checkpoint; training
   standard), with their errors. A finding a report does not mention counts as {{ unmentioned }}, which pushes
   scores of under-reported findings down. Rare findings and small regions (e.g. cavoatrial junction, carina)
   are the weakest in the paper.
-- Zero-shot scores depend on the wording of the prompts; scores of findings outside the training vocabulary are
-  uncalibrated. Decision thresholds (`thresholds.json`, when present) were chosen on one validation split by
+- Zero-shot scores depend on the wording of the prompts. Where the checkpoint holds `calibration.safetensors`,
+  `interpret` applies one Platt scaling per head (image level, anatomy-wise) fitted on the validation split of the
+  training data (`python -m train.eval.calibration`): calibrated for that split only, not for another population,
+  and only approximately for findings outside the training vocabulary. The same file holds out-of-distribution
+  statistics of the training images; `interpret` reports `ood.warning` for an image unlike them. Decision thresholds (`thresholds.json`, when present) were chosen on one validation split by
   balanced accuracy and do not transfer to other populations without re-checking.
 - "Right" is the patient's right. A mirrored or rotated image swaps or distorts regions without warning.
 - Weights trained on MIMIC-CXR / Chest ImaGenome derive from credentialed PhysioNet data: check its data use
@@ -178,8 +186,8 @@ Preprocessing (`AnatomyVLMImageProcessor`, shipped with the checkpoint; training
 ## How to use
 
 The model code ships in this repository (`configuration_anatomy_vlm.py`, `modeling_anatomy_vlm.py`,
-`pipeline_anatomy_vlm.py`, ...), so loading needs `trust_remote_code=True`; review the code first. Tested with
-transformers {{ transformers_range }} (`make compat` in the project).
+`pipeline_anatomy_vlm.py`, ...), so loading needs `trust_remote_code=True`; review the code first. Supported:
+transformers {{ transformers_range }} (the project's `make compat` checks the oldest and the newest release).
 
 ```python
 from transformers import AutoModel, AutoProcessor
@@ -293,17 +301,20 @@ def eval_results(metrics: dict, dataset_name: str, dataset_type: str):
 
 def _evaluation_text(metrics: dict | None, source: Path | None, dataset_name: str) -> str:
     if not metrics:
-        return "Not evaluated yet: run `python -m train.eval.zero_shot --model <this folder> --data <root>`."
+        return ("Not evaluated yet: `python -m train.eval.zero_shot --model <this folder> --data <root>` measures "
+                "global and anatomy-wise zero-shot classification, detection and laterality.")
     lines = [f"{dataset_name}, split `{metrics.get('split', 'test')}`, {metrics.get('num_images', '?')} images "
-             f"(from `{source.name if source else 'eval JSON'}`). Brackets: 95 % bootstrap intervals.", "",
-             "| metric | value |", "|---|---|"]
-    for _, _, _, metric_name, value, interval in metric_values(metrics):
+             f"(from `{source.name if source else 'eval JSON'}`). Brackets: 95 % bootstrap intervals over images.", "",
+             "| metric | value | what it measures |", "|---|---|---|"]
+    for section, _, metric_type, metric_name, value, interval in metric_values(metrics):
         shown = f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-        lines.append(f"| {metric_name} | {shown} |")
+        lines.append(f"| {metric_name} | {shown} | {METRIC_MEANINGS[(section, metric_type)]} |")
     undefined = metrics.get("undefined_global") or []
     if undefined:
         lines += ["", f"Findings without positives in the split (undefined, left out of the macros): "
                       f"{', '.join(undefined)}."]
+    lines += ["", "Zero-shot: no finding-specific head is trained for the evaluation; every score comes from the "
+                  "prompts above. A class with no positives or no negatives in the split is undefined, never 0 or 1."]
     return "\n".join(lines)
 
 
@@ -321,10 +332,78 @@ def _training_text(train_cfg: dict | None, phantom: bool) -> str:
         source = (f"the procedurally generated phantom set{command}: drawn anatomy with findings placed in known "
                   "regions, reports and Chest ImaGenome-style scene graphs; no patient data")
     else:
-        source = f"Chest ImaGenome scene graphs + MIMIC-CXR-JPG images (`{data.get('root', '?')}`)"
+        source = (f"Chest ImaGenome 1.0.0 silver scene graphs (a box and finding attributes per region) over the "
+                  f"frontal MIMIC-CXR-JPG 2.0.0 images they describe, in their official splits, the gold-standard "
+                  f"images (`images_to_avoid.csv`) left out (`{data.get('root', '?')}`; docs/DATA.md)")
     unmentioned = "absent" if data.get("unmentioned_as_negative", True) else "unknown"
     return (f"Trained on {source}.\n\nSplit `{data.get('train_split', 'train')}`, batch size {batch}; stages "
             f"(steps, losses): {stages}. A finding the report does not mention counts as {unmentioned}.")
+
+
+def _compute_text(train_cfg: dict | None, metrics: dict | None) -> str:
+    parts = []
+    if train_cfg:
+        training = train_cfg.get("training", {})
+        steps = sum(stage.get("steps", 0) for stage in train_cfg.get("stages", []))
+        parts.append(f"{steps} optimiser steps of batch {training.get('batch_size', '?')} per process (gradient "
+                     f"accumulation {training.get('gradient_accumulation_steps', 1)}), mixed precision "
+                     f"`{training.get('mixed_precision', '?')}` (from `train_config.yaml`).")
+    if metrics and _finite(metrics.get("train_seconds")):
+        parts.append(f"`train_seconds` of the evaluation JSON: {metrics['train_seconds']:.0f} s from the start of the "
+                     "run to the end of training (data generation included); the hardware is not recorded.")
+    if not parts:
+        parts.append("Not recorded with this checkpoint.")
+    parts.append("For reference, `make quickstart` (the phantom configuration) took 19 min 44 s wall on a 2-core "
+                 "CPU, 16 min 52 s of it the 1,600 training steps (the project's README, \"Results\").")
+    return " ".join(parts)
+
+
+def _reproduce_text(phantom: bool, source: Path | None) -> str:
+    lines = ["From a clone of the project (`make setup`), each number with the command that makes it:", "", "```bash",
+             "python -m train.run --config <train_config.yaml of this run>            # the weights",
+             "python -m train.eval.zero_shot --model <model folder> --data <data root>   # the evaluation table",
+             "python -m train.release.model_card --model <model folder>"
+             + (f" --eval <{source.name}>" if source else "") + "   # this card",
+             "make compat                                          # the transformers versions under How to use",
+             "```"]
+    if phantom:
+        lines += ["", "The phantom set is generated from its `data.phantom` settings on first use; `make quickstart` "
+                      "runs training and evaluation of the quickstart configuration and writes "
+                      "`outputs/quickstart/eval.json`."]
+    return "\n".join(lines)
+
+
+def _license_text(text_encoder: str, base_models: list[str], phantom: bool, dataset_type: str) -> str:
+    if text_encoder == EMBEDDED_TEXT_ENCODER:
+        text_tower = f"`{EMBEDDED_TEXT_ENCODER_HUB_ID}`: Apache-2.0"
+    else:
+        text_tower = f"`{text_encoder}`: its own licence (see its model card)"
+    lines = ["| part | licence |", "|---|---|",
+             "| model code (`*_anatomy_vlm.py`) | Apache-2.0 |",
+             f"| frozen text tower weights | {text_tower} |"]
+    lines += [f"| vision tower initialisation `{name}` | its own licence (see its model card) |"
+              for name in base_models if name != EMBEDDED_TEXT_ENCODER_HUB_ID]
+    if phantom:
+        lines += ["| these weights | Apache-2.0 (trained on generated phantom images only) |",
+                  "| training data | made by the project's phantom generator (Apache-2.0); no patient data |"]
+    else:
+        lines += ["| these weights | derived from PhysioNet credentialed data: check its data use agreement before "
+                  "sharing them, whatever the metadata says |",
+                  "| MIMIC-CXR-JPG 2.0.0, Chest ImaGenome 1.0.0 | PhysioNet credentialed access: a credentialed "
+                  "account and the signed PhysioNet credentialed data use agreement |"]
+    if dataset_type == "iu-xray":
+        lines.append("| IU-Xray (Open-i, U.S. National Library of Medicine), evaluation only | the distributor's "
+                     "terms; copies on the Hub state CC BY-NC-ND 4.0 (not checked against Open-i's own terms) |")
+    return "\n".join(lines)
+
+
+def _image_processor_config(model_dir: Path) -> dict:
+    """The image processor's saved settings (in processor_config.json or preprocessor_config.json), if any."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        if (model_dir / name).is_file():
+            data = json.loads((model_dir / name).read_text())
+            return data.get(key) or {} if key else data
+    return {}
 
 
 def _templates(values) -> str:
@@ -365,10 +444,14 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
                         "mechanics of the model and its training, and know nothing about real radiographs.")
         data_limitation = ("Phantom-trained weights have never seen a real chest X-ray; their scores on real images "
                            "are meaningless, and their metrics measure the pipeline, not medical performance.")
+        data_out_of_scope = "Any use of these phantom-trained weights on real radiographs other than testing software."
     else:
         data_warning = "A research model; its outputs are not diagnoses."
         data_limitation = ("Trained on one hospital's data (MIMIC-CXR, Beth Israel Deaconess): expect shifts on other "
                            "populations, devices and acquisition protocols.")
+        data_out_of_scope = "Populations, devices or protocols unlike the training data without a new evaluation."
+    image_processor = _image_processor_config(model_dir)
+    unmentioned = (train_cfg or {}).get("data", {}).get("unmentioned_as_negative", True)
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -376,6 +459,8 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
         repo_id=repo_id,
         data_warning=data_warning,
         data_limitation=data_limitation,
+        data_out_of_scope=data_out_of_scope,
+        unmentioned="absent" if unmentioned else "unknown",
         vision=(f"{VISION_NAMES.get(vision['model_type'], vision['model_type'])}, {vision['image_size']} px, "
                 f"patch {vision['patch_size']}"
                 f"{' (BatchNorm CNN patch embedding)' if config.get('patch_embedding') == 'conv' else ''}, "
@@ -388,9 +473,16 @@ def build_card(model_dir, metrics: dict | None = None, source: Path | None = Non
         first_region=config["region_names"][0],
         num_findings=len(config["findings"]),
         findings=", ".join(config["findings"]),
-        image_size=vision["image_size"],
+        image_size=image_processor.get("size", vision["image_size"]),
+        image_mean=image_processor.get("image_mean", 0.5),
+        image_std=image_processor.get("image_std", 0.5),
+        num_channels=image_processor.get("num_channels", vision.get("num_channels", 3)),
         training_text=_training_text(train_cfg, phantom),
         evaluation_text=_evaluation_text(metrics, source, dataset_name),
+        compute_text=_compute_text(train_cfg, metrics),
+        reproduce_text=_reproduce_text(phantom, source),
+        license_text=_license_text(text_encoder, base_models, phantom, dataset_type),
+        transformers_range=supported_range(),
         global_templates=_templates(config["global_prompt_templates"]),
         region_templates=_templates(config["region_prompt_templates"]),
         negated_templates=_templates(config["region_negated_prompt_templates"]),
@@ -408,6 +500,12 @@ def write_card(model_dir, eval_json=None, repo_id: str | None = None, path=None)
     return path
 
 
+def missing_sections(markdown: str) -> list[str]:
+    """The `SECTIONS` without a ``## <section>`` heading in `markdown`."""
+    headings = set(re.findall(r"^##\s+(.+?)\s*$", markdown, flags=re.MULTILINE))
+    return [section for section in SECTIONS if section not in headings]
+
+
 def validate_card(path) -> dict:
     """Parse a card offline and check the metadata the Hub needs; returns a summary, raises `ValueError`."""
     from huggingface_hub import ModelCard, metadata_load
@@ -422,6 +520,9 @@ def validate_card(path) -> dict:
     if wrong:
         raise ValueError(f"{path}: metadata {wrong}, expected {expected}")
     card = ModelCard.load(path)  # a Path: read from disk, never the Hub
+    missing = missing_sections(card.text)
+    if missing:
+        raise ValueError(f"{path}: sections missing: {missing}")
     results = []
     if "model-index" in metadata:
         name, results = model_index_to_eval_results(metadata["model-index"])

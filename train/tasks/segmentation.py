@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from train.config import RunConfig, resolve_path
+from train.config import REPO_ROOT, RunConfig
 from train.data.registry import ensure_phantom, load_mask_split
+from train.engine.hub import resolve_model_location
 
 
 class SegmentationTask:
@@ -27,12 +28,12 @@ class SegmentationTask:
                 ensure_phantom(config.data)
             self.train_set = load_mask_split(config.data, config.data.train_split, labels)
             self.val_set = load_mask_split(config.data, config.data.val_split, labels)
-        init_from = resolve_path(settings.init_from)
-        self.model = AnatomyVLMForSemanticSegmentation.from_anatomy_vlm(str(init_from), labels=labels)
+        location, options = resolve_model_location(settings.init_from, base=REPO_ROOT)
+        self.model = AnatomyVLMForSemanticSegmentation.from_anatomy_vlm(location, labels=labels, **options)
         self.mode, self.encoder_lr_scale = settings.mode, settings.encoder_lr_scale
         if self.mode == "frozen":
             self.model.freeze_encoder()
-        self.processor = AutoProcessor.from_pretrained(str(init_from), trust_remote_code=True)
+        self.processor = AutoProcessor.from_pretrained(location, **options)
         for dataset in (self.train_set, self.val_set):
             dataset.set_transform(make_segmentation_transform(self.processor, labels))
         self.train_collator = self.val_collator = SegmentationCollator()

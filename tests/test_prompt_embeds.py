@@ -1,0 +1,191 @@
+"""The text-tower outputs `interpret` keeps: a memo bounded in bytes, and a checkpoint's precomputed default prompts."""
+
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import BLOCK_PROJECT_IMPORTS, tiny_config
+from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
+from modeling_anatomy_vlm.prompt_memo_anatomy_vlm import PROMPT_EMBEDS_NAME, PromptMemo, entry_bytes
+
+FINDINGS = ["pleural effusion", "pneumothorax"]
+# One BERT layer as wide as MiniLM: text-tower outputs of the real size, embedded fast (random weights).
+ONE_LAYER_TEXT = dict(model_type="bert", vocab_size=30522, hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=64)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct CPU tensor storage Python objects still reach (allocator noise left out)."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+class ForbiddenTower(AssertionError):
+    pass
+
+
+def forbid_text_tower(model):
+    def forward(*args, **kwargs):
+        raise ForbiddenTower("the text tower ran")
+
+    model.text_model.forward = forward
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A saved tiny checkpoint with two findings, its default prompts precomputed."""
+    torch.manual_seed(0)
+    config = tiny_config(findings=FINDINGS)
+    model = AnatomyVLMModel.from_encoders(config).eval()
+    processor = AnatomyVLMProcessor.from_model_config(config)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    model.save_prompt_embeds(folder, processor)
+    return folder, model, processor
+
+
+def test_memo_evicts_least_recently_used_within_its_budget_and_keeps_pinned_entries():
+    hidden = 8
+    per_entry = entry_bytes("text 0", hidden)
+    memo = PromptMemo(max_bytes=3 * per_entry)
+    memo.pin({"pinned": torch.ones(hidden)})
+    memo.store([f"text {i}" for i in range(3)], torch.arange(3.0)[:, None].expand(3, hidden))
+    assert memo.lookup(["text 0"])["text 0"][0] == 0  # text 0 is now the most recently used
+    memo.store(["text 3"], torch.full((1, hidden), 3.0))
+    assert set(memo.lookup(["text 0", "text 1", "text 2", "text 3", "pinned"])) == {"text 0", "text 2", "text 3", "pinned"}
+    assert memo.nbytes == 3 * per_entry <= memo.max_bytes
+    memo.store(["pinned"], torch.zeros(1, hidden))  # a pinned text is never replaced
+    torch.testing.assert_close(memo.lookup(["pinned"])["pinned"], torch.ones(hidden))
+
+    copied = copy.deepcopy(memo)  # a deep-copied model (LoRA merge) gets an empty memo with the same budget
+    assert (len(copied), copied.max_bytes) == (0, memo.max_bytes)
+    memo.max_bytes = 0  # nothing fits: nothing is kept
+    memo.store(["text 4"], torch.zeros(1, hidden))
+    assert memo.lookup(["text 4"]) == {} and memo.nbytes == 0
+
+
+def test_500_new_findings_through_interpret_stay_within_the_memo_budget():
+    torch.manual_seed(0)
+    config = tiny_config(findings=["pleural effusion"], text_config=ONE_LAYER_TEXT)
+    model, processor = AnatomyVLMModel(config).eval(), AnatomyVLMProcessor.from_model_config(config)
+    budget = 2 * 2**20
+    model.prompt_memo.max_bytes = budget
+    image = np.full((64, 64), 0.5, dtype=np.float32)
+    for warm in range(3):  # the tower's first batches set the allocator's high-water mark
+        model.interpret(image, processor, findings=[f"warm-up {warm} {j}" for j in range(10)])
+    tensors_before, resident_before = live_tensor_bytes(), resident_bytes()
+
+    for start in range(0, 500, 10):
+        if start == 250:
+            resident_half = resident_bytes()
+        findings = [f"free-text finding number {i}" for i in range(start, start + 10)]
+        model.interpret(image, processor, findings=findings)
+        assert model.prompt_memo.nbytes <= budget
+
+    # 500 findings x 59 prompts x 1.5 KB of vectors: 45 MB held without a bound, half of it in the second half.
+    tensor_growth = live_tensor_bytes() - tensors_before
+    resident_end = resident_bytes()
+    print(f"\n500 new findings: memo {model.prompt_memo.nbytes / 2**20:.2f} MiB (budget {budget / 2**20:.0f}), "
+          f"live tensors +{tensor_growth / 2**20:.1f} MiB, resident +{(resident_end - resident_before) / 2**20:.1f} "
+          f"MiB (the last 250: +{(resident_end - resident_half) / 2**20:.1f} MiB)")
+    assert tensor_growth <= budget
+    assert resident_end - resident_half <= budget + 16 * 2**20  # allocator noise; first ones reach its high-water mark
+    assert len(model.prompt_memo) < 500 * 59
+
+
+def test_first_interpret_of_a_saved_checkpoint_runs_no_text_tower_for_its_findings(checkpoint, chest_like_image):
+    folder, model, processor = checkpoint
+    expected = model.interpret(chest_like_image, processor)[0]
+    with safe_open(folder / PROMPT_EMBEDS_NAME, "pt") as saved:
+        texts = json.loads(saved.metadata()["texts"])
+        assert saved.get_tensor("text_tower_embeds").shape == (len(texts), model.config.text_config.hidden_size)
+    assert len(texts) == len(FINDINGS) * (1 + 2 * len(model.config.region_names))
+
+    loaded = AnatomyVLMModel.from_pretrained(folder).eval()
+    forbid_text_tower(loaded)
+    result = loaded.interpret(chest_like_image, AnatomyVLMProcessor.from_pretrained(folder))[0]
+    assert loaded.prompt_memo.num_pinned == len(texts)
+    for finding in FINDINGS:
+        assert result["findings"][finding] == pytest.approx(expected["findings"][finding], abs=1e-6)
+    with pytest.raises(ForbiddenTower):  # any other text still needs the tower
+        loaded.interpret(chest_like_image, processor, findings=["rib fracture"])
+
+
+def test_precomputed_prompts_of_another_text_encoder_are_ignored(checkpoint, chest_like_image):
+    folder, model, processor = checkpoint
+    loaded = AnatomyVLMModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        loaded.text_model.embeddings.word_embeddings.weight.mul_(1.01)  # another tower
+    forbid_text_tower(loaded)
+    with pytest.raises(ForbiddenTower):  # the file does not match: its vectors are not used
+        loaded.interpret(chest_like_image, processor)
+    assert loaded.prompt_memo.num_pinned == 0
+
+
+def test_save_final_writes_the_prompt_embeddings(tmp_path, chest_like_image):
+    from accelerate import Accelerator
+
+    from train.engine.checkpoint import save_final
+
+    torch.manual_seed(0)
+    config = tiny_config(findings=FINDINGS)
+    model, processor = AnatomyVLMModel.from_encoders(config).eval(), AnatomyVLMProcessor.from_model_config(config)
+    save_final(Accelerator(cpu=True), model, processor, tmp_path, lora=False)
+    loaded = AnatomyVLMModel.from_pretrained(tmp_path / "model").eval()
+    forbid_text_tower(loaded)
+    assert len(loaded.interpret(chest_like_image, processor)[0]["findings"]) == len(FINDINGS)
+
+
+LOADER = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    from transformers import AutoModel, AutoProcessor
+
+    checkpoint, out_path = sys.argv[1:3]
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the text tower ran")
+
+    model.text_model.forward = forbidden
+    result = model.interpret(np.full((80, 64), 0.5, dtype=np.float32), processor)[0]
+    json.dump({"module": type(model).__module__, "pinned": model.prompt_memo.num_pinned,
+               "findings": result["findings"]}, open(out_path, "w"))
+    """
+)
+
+
+def test_precomputed_prompts_are_used_through_trust_remote_code_without_the_project(checkpoint, tmp_path):
+    folder, model, processor = checkpoint
+    assert (folder / "prompt_memo_anatomy_vlm.py").is_file()  # shipped with the model code
+    out_path = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", LOADER, str(folder), str(out_path)], cwd=tmp_path, env=env, check=True,
+                   timeout=300)
+    loaded = json.loads(out_path.read_text())
+    assert loaded["module"].startswith("transformers_modules.")
+    assert loaded["pinned"] == len(FINDINGS) * (1 + 2 * len(model.config.region_names))
+    expected = model.interpret(np.full((80, 64), 0.5, dtype=np.float32), processor)[0]["findings"]
+    assert loaded["findings"] == pytest.approx(expected, abs=1e-6)
