@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -51,7 +50,6 @@ from transformers import AutoModel, AutoProcessor  # noqa: E402
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_MODEL = ROOT / "outputs" / "quickstart" / "model"
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DICOM_MAGIC_OFFSET = 128  # "DICM" follows a 128-byte preamble
 DISPLAY_SIDE = 768  # long side of the image the boxes are drawn on
 BOX_FILL_ALPHA = 0.03  # faint fill, so overlapping boxes keep the film readable
@@ -61,7 +59,7 @@ MODEL_QUEUE = "model"  # the concurrency group of every event that runs the mode
 PHANTOM_TAG = "phantom-data"  # the model card's tag of a checkpoint trained on phantoms (train.release.model_card)
 
 PHANTOM_NOTICE = (
-    "**This model was trained on synthetic phantoms only** (procedurally drawn chest X-rays, no patient images). "
+    "⚠️ **This model was trained on synthetic phantoms only** (procedurally drawn chest X-rays, no patient images). "
     "On a real radiograph its boxes and scores carry no clinical meaning: a high score is not a finding and a low "
     "one does not rule anything out. Research demo, not for clinical use."
 )
@@ -116,22 +114,40 @@ def _input_error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def _model_location_resolver():
+    """`resolve_model_location` of `train/engine/hub.py` (standard library only): from the installed project, or
+    from a copy named `hub.py` beside this file in a Space deployed on its own."""
+    try:
+        from train.engine.hub import resolve_model_location
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("anatomy_vlm_hub", HERE / "hub.py")
+        if spec is None or not (HERE / "hub.py").is_file():
+            raise CheckpointNotFoundError("copy train/engine/hub.py next to app.py (space/README.md)") from None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        resolve_model_location = module.resolve_model_location
+    return resolve_model_location
+
+
 def load_checkpoint(name_or_path: str):
-    """`(model, processor)` from a checkpoint folder or Hub id, with a message that says what to do if absent."""
-    is_local = Path(name_or_path).exists()
-    if not is_local and not HUB_ID.match(name_or_path):
+    """`(model, processor)` from a checkpoint folder, or from `hf://org/name@<commit>` (remote code only at a pinned
+    commit; a mistyped folder is an error naming it, never a Hub request)."""
+    try:
+        location, options = _model_location_resolver()(name_or_path)
+    except (FileNotFoundError, ValueError) as err:
         hint = "run `make quickstart` to build it" if Path(name_or_path) == DEFAULT_MODEL else "check ANATOMY_VLM_MODEL"
         raise CheckpointNotFoundError(
-            f"No Anatomy-VLM checkpoint at {name_or_path}: {hint}, or set ANATOMY_VLM_MODEL to a checkpoint "
-            "folder or Hub id (`make quickstart` builds the default one at outputs/quickstart/model)."
-        )
+            f"No Anatomy-VLM checkpoint: {err}; {hint} (`make quickstart` builds the default one at "
+            "outputs/quickstart/model).") from err
     try:
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(location, **options)
+        processor = AutoProcessor.from_pretrained(location, **options)
     except OSError as err:
         raise CheckpointNotFoundError(
             f"Could not load an Anatomy-VLM checkpoint from {name_or_path} ({err}). Run `make quickstart` to "
-            "build the default one, or set ANATOMY_VLM_MODEL to a checkpoint folder or Hub id."
+            "build the default one, or set ANATOMY_VLM_MODEL to a checkpoint folder or hf://org/name@<commit>."
         ) from err
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
@@ -142,8 +158,8 @@ def training_data(name_or_path: str) -> str | None:
     a checkpoint without a readable record (the page then says phantom-trained: the safe reading).
 
     The record: the trainer's `train_config.yaml` next to a local checkpoint folder (the `phantom` data set, or the
-    model card's own rule `train.release.model_card.is_phantom`), else the model card's metadata (`README.md`, local or on the Hub),
-    where the `phantom-data` tag marks a phantom-trained checkpoint.
+    model card's own rule `train.release.model_card.is_phantom`), else the model card's metadata (`README.md`, local
+    or on the Hub), where the `phantom-data` tag marks a phantom-trained checkpoint.
     """
     try:
         if Path(name_or_path).is_dir():
@@ -398,10 +414,9 @@ class AnatomyVLMSpace:
         finally:
             self.uploads.let_go(path)
 
-    def _annotated(self, path: str, regions: list[dict], labels: list[str], scores: list[float]) -> dict:
-        """An update of the AnnotatedImage: a display copy of the upload (long side at most DISPLAY_SIDE) with one
-        outline per region, coloured by `scores`."""
-        gray = self.read_upload(path)
+    def _annotated(self, path: str, gray: np.ndarray, regions: list[dict], labels: list[str], scores: list[float]):
+        """An update of the AnnotatedImage: a display copy of the upload `path` (its pixels `gray`, long side at most
+        DISPLAY_SIDE) with one outline per region, coloured by `scores`."""
         height, width = gray.shape
         scale = min(1.0, DISPLAY_SIDE / max(height, width))
         image = Image.fromarray(np.round(gray * 255).astype(np.uint8))
@@ -415,7 +430,8 @@ class AnatomyVLMSpace:
         shape = (image.height, image.width)
         border = max(2, round(max(shape) / 256))
         annotations = [
-            (box_mask(shape, [v * scale for v in region["box"]], border), label) for region, label in zip(regions, labels)
+            (box_mask(shape, [v * scale for v in region["box"]], border), label)
+            for region, label in zip(regions, labels)
         ]
         colours = {label: score_colour(score) for label, score in zip(labels, scores)}
         return gr.update(value=(str(display), annotations), color_map=colours)
@@ -428,9 +444,11 @@ class AnatomyVLMSpace:
         self.uploads.show_on_page(request.session_hash if request else None, path)  # the request's hold is the page's
         if path is None:  # the upload was cleared
             return None, ood_warning(None), None, None, None, None, None
-        result = self.interpret(path)
+        gray = self.read_upload(path)
+        result = self.model.interpret(gray, self.processor)[0]
         regions = result["regions"]
-        annotated = self._annotated(path, regions, [r["name"] for r in regions], [max(r["scores"].values()) for r in regions])
+        highest = [max(r["scores"].values()) for r in regions]
+        annotated = self._annotated(path, gray, regions, [r["name"] for r in regions], highest)
         rows = sorted(
             ([r["name"], finding, round(score, 4)] for r in regions for finding, score in r["scores"].items()),
             key=lambda row: row[2],
@@ -448,10 +466,12 @@ class AnatomyVLMSpace:
             raise _input_error(f"Keep the finding under {MAX_QUESTION_CHARS} characters.")
         if path is None:
             raise _input_error("Upload a chest X-ray first.")
-        result = self.model.interpret(self.read_upload(path), self.processor, findings=[finding])[0]
+        gray = self.read_upload(path)
+        result = self.model.interpret(gray, self.processor, findings=[finding])[0]
         regions = result["regions"]
         scores = [r["scores"][finding] for r in regions]
-        annotated = self._annotated(path, regions, [f"{r['name']}: {s:.2f}" for r, s in zip(regions, scores)], scores)
+        labels = [f"{r['name']}: {s:.2f}" for r, s in zip(regions, scores)]
+        annotated = self._annotated(path, gray, regions, labels, scores)
         per_region = gr.update(
             value={r["name"]: s for r, s in zip(regions, scores)},
             label=f"'{finding}' per region (whole image: {result['findings'][finding]:.2f})",

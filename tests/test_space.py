@@ -408,3 +408,8 @@ def test_missing_checkpoint_says_to_run_make_quickstart(tmp_path, monkeypatch):
         app.load_checkpoint(str(app.DEFAULT_MODEL))
     with pytest.raises(app.CheckpointNotFoundError, match="check ANATOMY_VLM_MODEL.*make quickstart"):
         app.load_checkpoint(str(tmp_path / "no-model-here"))
+    # A mistyped folder is an error naming it, not a Hub request; Hub code only at a pinned commit.
+    with pytest.raises(app.CheckpointNotFoundError, match="outptus/quickstart: no such model folder"):
+        app.load_checkpoint("outptus/quickstart")
+    with pytest.raises(app.CheckpointNotFoundError, match="only at a pinned commit"):
+        app.load_checkpoint("hf://someone/anatomy-vlm@main")

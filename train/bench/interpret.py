@@ -102,7 +102,8 @@ def concurrent_latency(client: Client, image: str, count: int, concurrency: int)
     with ThreadPoolExecutor(count) as pool:
         latencies = list(pool.map(lambda _: request(), range(count)))
     p50, p95 = np.percentile(latencies, [50, 95])
-    print(f"{count} concurrent /interpret requests (the app runs {concurrency} at once): p50 {p50:.2f} s, p95 {p95:.2f} s")
+    print(f"{count} concurrent /interpret requests (the app runs {concurrency} at once): "
+          f"p50 {p50:.2f} s, p95 {p95:.2f} s")
 
 
 def main(argv=None):
@@ -151,7 +152,8 @@ def main(argv=None):
                 gr.AnnotatedImage(color_map=annotated["color_map"], format="png").postprocess(annotated["value"])
 
             analyse_ms = median_ms(analyse_for_browser, args.runs)
-            print(f"page upload event (interpret, boxes encoded for the browser, table, findings): median {analyse_ms:.0f} ms")
+            print(f"page upload event (interpret, boxes encoded for the browser, table, findings): "
+                  f"median {analyse_ms:.0f} ms")
             questions = (f"finding number {i}" for i in itertools.count())  # new text: its 59 prompts get embedded
             new_ms = median_ms(lambda: space.ask(image, next(questions)), args.runs)
             repeat_ms = median_ms(lambda: space.ask(image, "rib fracture"), args.runs)
