@@ -131,3 +131,13 @@ def real_reports(tmp_path_factory):
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(root, filter="data")
     return root / "ecgen-radiology"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state: a test that built an Accelerator in fp32 must not decide the
+    precision of the next test's training run (outside tests each run is its own process)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
