@@ -108,7 +108,7 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> PlattScaling:
         return loss
 
     optimizer.step(closure)
-    return PlattScaling(scale=float(log_scale.exp()) / spread, bias=float(bias))
+    return PlattScaling(scale=log_scale.detach().exp().item() / spread, bias=bias.detach().item())
 
 
 def fit_gaussian(features: np.ndarray) -> GaussianDistance:
