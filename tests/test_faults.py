@@ -219,7 +219,8 @@ def _kill_when(proc, ready, delay: float, timeout: float = 120.0) -> None:
 def test_training_killed_at_random_points_ends_with_the_weights_of_an_uninterrupted_run(
         phantom_root, tmp_path, dataset_cache):
     data = shutil.copytree(phantom_root, tmp_path / "data")
-    config = lambda output: tiny_train_config(data, output, steps=(3, 3, 3), checkpoint_every=1)
+    config = lambda output: tiny_train_config(data, output, steps=(15, 15, 15), checkpoint_every=1)
+    # 45 steps: on an idle machine 9 steps finished before a later attempt could be killed (it resumed at the end).
     train(config(tmp_path / "straight"))  # also fills the Arrow cache the killed runs share
     output = tmp_path / "killed"
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config(output)))
