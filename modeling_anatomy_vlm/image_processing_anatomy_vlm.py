@@ -246,13 +246,36 @@ class AnatomyVLMImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data, tensor_type=None)
 
     def _resize_pad_normalise(self, gray: np.ndarray) -> torch.Tensor:
-        height, width = self.resized_size(*gray.shape)
-        image = torch.from_numpy(np.ascontiguousarray(gray))[None, None]
-        image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        canvas = torch.zeros(1, 1, self.size, self.size)
-        canvas[..., :height, :width] = image.clamp(0.0, 1.0)
-        canvas = (canvas - self.image_mean) / self.image_std
-        return canvas[0].expand(self.num_channels, -1, -1).contiguous()
+        return self.normalize_pixels(self.resize_pad(gray)[None])[0]
+
+    def resize_pad(self, gray, original_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`[H, W]` grayscale (float in [0, 1], or uint8) -> `[1, S, S]` float in [0, 1]: the long side resized to
+        `size` (bilinear with antialiasing), padded with black at the bottom and right. `original_size` (H, W) is
+        the size of the image `gray` was reduced from (a prepared copy): the result is laid out as for the original,
+        which is what its boxes are normalised against."""
+        gray = gray if isinstance(gray, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(gray))
+        if gray.dtype == torch.uint8:
+            gray = gray.float() / 255.0
+        height, width = self.resized_size(*(original_size or gray.shape))
+        image = gray.float()[None, None]
+        if (height, width) != tuple(gray.shape):
+            image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        canvas = torch.zeros(1, self.size, self.size, device=gray.device)
+        canvas[:, :height, :width] = image[0].clamp(0.0, 1.0)
+        return canvas
+
+    def resize_pad_uint8(self, gray, original_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`resize_pad` rounded to `[1, S, S]` uint8: what training data loaders send (a quarter of float32's
+        bytes, a twelfth of 3-channel float32's); `normalize_pixels` finishes it on the device. The rounding
+        changes a pixel by at most half a grey level (1/510)."""
+        return (self.resize_pad(gray, original_size) * 255.0).round_().to(torch.uint8)
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 1, S, S]` (uint8, or float in [0, 1]) -> `pixel_values` `[B, num_channels, S, S]` float32,
+        normalised; runs on whatever device `pixels` is on."""
+        pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        pixels = (pixels - self.image_mean) / self.image_std
+        return pixels.expand(-1, self.num_channels, -1, -1).contiguous()
 
     def normalize_boxes(self, boxes, original_size) -> tuple[torch.Tensor, torch.Tensor]:
         """`[R, 4]` (x1, y1, x2, y2) original pixels -> (`[R, 4]` normalised (cx, cy, w, h), `[R]` valid mask).

@@ -24,7 +24,7 @@ from train.data.iu_xray import read_report
 from train.engine import train
 from train.tasks.anatomy_vlm import AnatomyVLMTask
 from train.text.parser import parse_report
-from train.text.region_texts import RegionPrompts, region_texts_for_image
+from train.text.region_texts import RegionPrompts, region_text_masks, region_texts_for_image
 
 ROOT = Path(__file__).resolve().parents[1]
 POST_FINDING_NEGATIONS = {
@@ -114,7 +114,7 @@ def test_rule_4_holds_on_real_report_sentences(real_sentence_set, dataset_cache)
 def test_three_stages_train_on_real_report_sentences(real_sentence_set, tmp_path, dataset_cache, monkeypatch):
     data, sentences = real_sentence_set
     real_loss, fine_losses = AnatomyVLMTask.loss, []
-    real_collate, collated = anatomy_vlm_task.collate_region_texts, []
+    real_supervision, collated = anatomy_vlm_task.region_text_supervision, []
 
     def recording_loss(self, output, weights):
         loss, parts = real_loss(self, output, weights)
@@ -122,13 +122,14 @@ def test_three_stages_train_on_real_report_sentences(real_sentence_set, tmp_path
             fine_losses.append(float(parts["fine"].detach()))
         return loss, parts
 
-    def recording_collate(items):
-        texts, positive, negative = real_collate(items)
-        collated.append((texts, positive, negative))
-        return texts, positive, negative
+    def recording_supervision(items):
+        supervision = real_supervision(items)
+        positive, negative = region_text_masks(**supervision.tensors())
+        collated.append((supervision.texts, positive.numpy(), negative.numpy()))
+        return supervision
 
     monkeypatch.setattr(AnatomyVLMTask, "loss", recording_loss)
-    monkeypatch.setattr(anatomy_vlm_task, "collate_region_texts", recording_collate)
+    monkeypatch.setattr(anatomy_vlm_task, "region_text_supervision", recording_supervision)
     output = tmp_path / "run"
     config = tiny_train_config(data, output, steps=(2, 2, 3))
     config["data"]["perturb_prob"] = 1.0

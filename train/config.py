@@ -29,6 +29,7 @@ from modeling_anatomy_vlm.modeling_anatomy_vlm import LOSS_TERMS as LOSSES  # th
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configuration" / "train" / "quickstart.yaml"
 TASK_NAMES = ("anatomy_vlm", "segmentation")
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")  # training.mixed_precision; fp32 is "no" (no mixed precision)
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,7 @@ class DataConfig:
     perturb_prob: float = 0.2            # label generation rule 2: a positive phrase becomes a hard negative
     unmentioned_as_negative: bool = True  # a finding the report never mentions counts as absent
     text_cache_dtype: str = "float32"    # float16 halves the text cache on disk (MIMIC: millions of phrases)
+    prepared_dir: str | None = None      # image shards of `python -m train.data.prepare`; images it lacks are decoded
     csv: str | None = None               # chexmask / siim: the mask table
     mimic_cxr_jpg_dir: str | None = None  # chexmask: where the MIMIC-CXR-JPG images are
     images_dir: str | None = None        # siim: the DICOM folder
@@ -85,7 +87,7 @@ class TrainingConfig:
     output_dir: str = "outputs/run"
     batch_size: int = 32                 # per process
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"        # auto (bf16 where the hardware has it natively) | no | bf16 | fp16
+    mixed_precision: str = "auto"        # auto (bf16 where the hardware has it natively) | no (fp32) | bf16 | fp16
     cpu: bool = False                    # force the CPU even where a GPU is present
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -100,6 +102,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     gradient_checkpointing: bool = False
+    compile: bool = False                # torch.compile the forward + loss of a step (dynamic shapes: texts vary)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -171,6 +174,9 @@ class RunConfig:
                 raise ConfigError(f"{where}: lr must be positive and warmup_steps >= 0")
         if self.training.batch_size <= 0 or self.training.gradient_accumulation_steps <= 0:
             raise ConfigError("training.batch_size and training.gradient_accumulation_steps: must be positive")
+        if self.training.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"training.mixed_precision: must be one of {', '.join(PRECISIONS)}, got "
+                              f"{self.training.mixed_precision!r}")
         if self.data.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error: must be skip or raise, got {self.data.on_error!r}")
         if self.data.text_cache_dtype not in ("float32", "float16"):
@@ -233,7 +239,8 @@ def _convert(tp, value, where: str):
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        hint = " (YAML reads a bare no / yes / off / on as a boolean: quote it)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{where}: expected a string, got {value!r}{hint}")
     return value
 
 

@@ -5,8 +5,9 @@
 
 Writes `--n` phantom radiographs (`render_phantom`, long side `--source-size`) as JPEGs once into `--cache-dir`
 (kept for later runs), then times batches of `pixel_values` `[B, 3, S, S]` ready on the device:
-  loader-pil  torch DataLoader with K worker processes: PIL decode + `AnatomyVLMImageProcessor` (resize with the
-              aspect kept, pad, normalise, 3 channels: the training path), pinned, copied to the device;
+  loader-pil  torch DataLoader with K worker processes: PIL decode + `AnatomyVLMImageProcessor.resize_pad_uint8`
+              (resize with the aspect kept, pad: the training path), `[B, 1, S, S]` uint8 pinned, copied to the
+              device, normalised and repeated to 3 channels there (`normalize_pixels`);
   loader-tv   the same with `torchvision.io.decode_jpeg` on the CPU instead of PIL;
   nvjpeg      CUDA only: the workers only read the files' bytes; `decode_jpeg(device="cuda")` decodes the batch and
               resize + pad + normalise run on the GPU with the processor's geometry (`resize_pad_normalise`).
@@ -26,12 +27,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 
 from modeling_anatomy_vlm import AnatomyVLMImageProcessor
+from modeling_anatomy_vlm.image_processing_anatomy_vlm import load_grayscale
 from train.bench.step import pick_device
 from train.data.phantom import render_phantom
 from train.config import REPO_ROOT
@@ -81,28 +82,20 @@ class JpegDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        """`[1, S, S]` uint8, resized and padded: what the trainer's workers send (normalised on the device)."""
         path = self.paths[index % len(self.paths)]
         if self.decoder is None:
             return read_file(path)
         if self.decoder == "pil":
-            return self.processor([path])["pixel_values"][0]
+            return self.processor.resize_pad_uint8(load_grayscale(path))
         gray = decode_jpeg(read_file(path), mode=ImageReadMode.GRAY)[0]  # [H, W] uint8
-        return self.processor([gray])["pixel_values"][0]
+        return self.processor.resize_pad_uint8(gray)
 
 
 def resize_pad_normalise(images: list[torch.Tensor], processor: AnatomyVLMImageProcessor) -> torch.Tensor:
-    """Decoded uint8 `[1, H, W]` images (on any device) -> `pixel_values` `[B, C, S, S]`, with the geometry of
-    `AnatomyVLMImageProcessor`: bilinear antialiased resize of the [0, 1] image to long side S, padded at the
-    bottom and right with black, normalised, repeated to C channels."""
-    size = processor.size
-    canvas = torch.zeros(len(images), 1, size, size, device=images[0].device)  # [B, 1, S, S]
-    for i, image in enumerate(images):  # one resize per image: their aspect ratios differ
-        height, width = processor.resized_size(*image.shape[-2:])
-        resized = F.interpolate(image[None].float() / 255.0, size=(height, width), mode="bilinear",
-                                antialias=True, align_corners=False)
-        canvas[i, :, :height, :width] = resized[0].clamp(0.0, 1.0)
-    canvas = (canvas - processor.image_mean) / processor.image_std
-    return canvas.expand(-1, processor.num_channels, -1, -1).contiguous()
+    """Decoded uint8 `[1, H, W]` images (on any device) -> `pixel_values` `[B, C, S, S]` by the processor's own
+    geometry (`resize_pad`, one resize per image: their aspect ratios differ) and `normalize_pixels`."""
+    return processor.normalize_pixels(torch.stack([processor.resize_pad(image[0]) for image in images]))
 
 
 def time_pipeline(loader, to_device_batch, warmup: int, batches: int, device: torch.device) -> float:
@@ -136,7 +129,7 @@ def run_variant(name: str, workers: int, warmup: int, batches: int, batch_size: 
             return resize_pad_normalise(decode_jpeg(raw, mode=ImageReadMode.GRAY, device=device), processor)
     else:
         def to_device_batch(batch: torch.Tensor) -> torch.Tensor:
-            return batch.to(device, non_blocking=True)
+            return processor.normalize_pixels(batch.to(device, non_blocking=True))
     return time_pipeline(loader, to_device_batch, warmup, batches, device)
 
 

@@ -41,7 +41,7 @@ class EpochOrder(torch.utils.data.Sampler):
 def train(config: RunConfig | dict, resume: str | None = None) -> Path:
     """Train every stage of `config` (a `RunConfig`, or its dict form); returns the output folder."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm import tqdm
 
     from train.tasks import make_task
@@ -59,6 +59,8 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         # Without a GPU, processes launched by torchrun (`accelerate launch --multi_gpu`) join a gloo CPU group.
         cpu=on_cpu,
+        # Batches come from pinned memory (below): their copies to the GPU need not block the host.
+        dataloader_config=DataLoaderConfiguration(non_blocking=not on_cpu),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -78,17 +80,17 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
 
     train_set, val_set, collator = task.train_set, task.val_set, task.train_collator
     sampler = EpochOrder(len(train_set), run.seed)
-    workers = config.data.num_workers
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=run.batch_size, sampler=sampler, drop_last=True,
-                                               num_workers=workers, collate_fn=collator)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=run.batch_size, num_workers=workers,
-                                             collate_fn=task.val_collator)
+    loading = dict(batch_size=run.batch_size, num_workers=config.data.num_workers, pin_memory=not on_cpu)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, collate_fn=collator,
+                                               **loading)
+    val_loader = torch.utils.data.DataLoader(val_set, collate_fn=task.val_collator, **loading)
     stages = config.stages
     groups = param_groups(model, run.weight_decay, task.encoder_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=1.0, betas=run.betas, fused=torch.cuda.is_available() or None)
     scheduler = staged_schedule(optimizer, stages, run.min_lr_ratio)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
+    task.after_prepare(accelerator)
 
     steps_per_epoch = len(train_loader) // accelerator.gradient_accumulation_steps
     if steps_per_epoch == 0:
@@ -118,6 +120,13 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
     for stage_index in range(state["stage"], len(stages)):
         stage, frozen = stages[stage_index], frozen_by_stage[stage_index]
         weights = task.start_stage(stage)
+
+        def forward_loss(batch, weights=weights):
+            output = model(**task.inputs(batch, weights))
+            return task.loss(output, weights)
+
+        if run.compile:  # dynamic: the number of texts changes from batch to batch
+            forward_loss = torch.compile(forward_loss, dynamic=True)
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=stage.steps, initial=step, desc=f"stage {stage_index + 1} {stage.name}", unit="step",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -131,11 +140,10 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
                 batches = accelerator.skip_first_batches(train_loader, skip * accelerator.gradient_accumulation_steps)
             for batch in batches:
                 state["skipped_images"] += batch["skipped_images"]
-                if "pixel_values" not in batch:  # every image of this batch was unreadable (and skipped)
+                if set(batch) == {"skipped_images"}:  # every image of this batch was unreadable (and skipped)
                     continue
                 with accelerator.accumulate(model):
-                    output = model(**task.inputs(batch, weights))
-                    loss, parts = task.loss(output, weights)
+                    loss, parts = forward_loss(batch)
                     # One scalar read per step (a host-device sync on a GPU): a NaN or inf must stop the run
                     # before its gradients reach the weights, with the batch that produced it named.
                     if not torch.isfinite(loss.detach()).item():

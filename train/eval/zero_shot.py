@@ -126,7 +126,7 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
         keep = [i for i, ok in enumerate(batch["image_ok"]) if ok]
         if not keep:
             continue
-        pixel_values = torch.stack([batch["pixel_values"][i] for i in keep])
+        pixel_values = processor.image_processor.normalize_pixels(torch.stack([batch["pixels"][i] for i in keep]))
         scores = model.zero_shot_scores(pixel_values, prompts)
         sizes = torch.stack([batch["original_sizes"][i] for i in keep])
         boxes = processor.post_process_boxes(scores["pred_boxes"].float().cpu(), sizes)

@@ -8,17 +8,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train.config import LOSSES, RunConfig
+from train.config import LOSSES, RunConfig, resolve_path
 from train.data.common import make_transform, region_phrases_of
 from train.data.registry import ensure_phantom, load_finding_split
 from train.text.cache import TextEmbeddingCache
 from train.text.vocabulary import check_regions
-from train.text.region_texts import RegionPrompts, collate_region_texts, possible_region_texts, region_texts_for_image
+from train.text.region_texts import (
+    RegionPrompts, possible_region_texts, region_text_masks, region_text_supervision, region_texts_for_image,
+)
 
 
 class Collator:
     """Stacks transformed examples, drops unreadable images, and builds the region texts of the batch.
 
+    What it returns is what crosses to the device each step, so it is kept small: pixels as `[B, 1, S, S]` uint8
+    (normalised on the device), text embeddings in the cache's dtype, and the phrase supervision as the compact
+    `RegionTextSupervision` arrays (the `[B, R, T]` masks are built on the device; `AnatomyVLMTask.inputs`).
     Region texts are sampled with a generator seeded by (seed, epoch, image id), so a batch is the same whether
     training ran straight through or resumed from a checkpoint.
     """
@@ -40,15 +45,14 @@ class Collator:
         if not kept:
             return batch
         batch["image_ids"] = [e["image_id"] for e in kept]  # named in the error if the batch's loss is not finite
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in kept])
+        batch["pixels"] = torch.stack([e["pixels"] for e in kept])
         batch["boxes"] = torch.stack([e["target_boxes"] for e in kept])
         batch["box_mask"] = torch.stack([e["box_mask"] for e in kept])
-        labels = torch.tensor(np.array([e["global_labels"] for e in kept]), dtype=torch.float32)
+        labels = torch.tensor(np.array([e["global_labels"] for e in kept]), dtype=torch.int8)  # 1 / 0 / -1 unknown
+        region_labels = torch.tensor(np.array([e["region_labels"] for e in kept]), dtype=torch.int8)
         if self.unmentioned_as_negative:
-            labels = labels.clamp(min=0)
-        batch["finding_labels"] = labels
-        region_labels = torch.tensor(np.array([e["region_labels"] for e in kept]), dtype=torch.float32)
-        batch["region_labels"] = region_labels.clamp(min=0) if self.unmentioned_as_negative else region_labels
+            labels, region_labels = labels.clamp(min=0), region_labels.clamp(min=0)
+        batch["finding_labels"], batch["region_labels"] = labels, region_labels
         if self.with_texts and self.cache is not None:
             items = []
             for e in kept:
@@ -57,10 +61,9 @@ class Collator:
                 items.append(region_texts_for_image(
                     region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
                     findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts))
-            texts, positive, negative = collate_region_texts(items)
-            batch["phrase_text_embeds"] = self.cache.lookup(texts)
-            batch["phrase_positive_mask"] = torch.from_numpy(positive)
-            batch["phrase_negative_mask"] = torch.from_numpy(negative)
+            supervision = region_text_supervision(items)
+            batch["phrase_text_embeds"] = self.cache.lookup(supervision.texts, as_stored=True)
+            batch["phrase_supervision"] = supervision.tensors()
         return batch
 
 
@@ -105,7 +108,8 @@ class AnatomyVLMTask:
             .reshape(len(names), len(findings), -1)
             for templates in (model_config.region_prompt_templates, model_config.region_negated_prompt_templates)])
         for dataset in (self.train_set, self.val_set):
-            dataset.set_transform(make_transform(self.processor, data.on_error))
+            dataset.set_transform(make_transform(self.processor, data.on_error,
+                                                 data.prepared_dir and resolve_path(data.prepared_dir)))
         args = (model_config, cache, config.training.seed, data.perturb_prob, data.unmentioned_as_negative,
                 data.on_error)
         self.train_collator, self.val_collator = Collator(*args), Collator(*args)
@@ -121,25 +125,36 @@ class AnatomyVLMTask:
             target_modules=r".*vision_model\.blocks\.\d+\.(attn\.qkv|attn\.proj|fc1|fc2)", modules_to_save=trained_fully,
         )
 
+    def after_prepare(self, accelerator) -> None:
+        """The frozen text tower never runs in a step (texts come from the cache): on a GPU it moves back to host
+        memory, out of the way of activations. Under DeepSpeed or FSDP the engine owns where parameters live."""
+        from accelerate.utils import DistributedType
+
+        if accelerator.device.type != "cpu" and accelerator.distributed_type in (DistributedType.NO,
+                                                                                 DistributedType.MULTI_GPU):
+            self.model.text_model.to("cpu")
+
     def start_stage(self, stage) -> dict:
         weights = stage.weights()
         self.train_collator.with_texts = weights["fine"] > 0
         return weights
 
     def inputs(self, batch: dict, weights: dict) -> dict:
-        """The model inputs a stage needs: texts are passed only when their loss has weight."""
-        inputs = {"pixel_values": batch["pixel_values"], "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
-        device = batch["pixel_values"].device
+        """The model inputs a stage needs (texts only when their loss has weight), finished on the batch's device:
+        pixels normalised and repeated to the tower's channels, phrase masks built from their compact form."""
+        pixel_values = self.processor.image_processor.normalize_pixels(batch["pixels"])
+        inputs = {"pixel_values": pixel_values, "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
+        device = pixel_values.device
         if self.finding_embeds.device != device:  # the cached prompt embeddings move once, not every step
             self.finding_embeds, self.region_prompt_embeds = self.finding_embeds.to(device), self.region_prompt_embeds.to(device)
         if weights.get("global", 0) > 0:
-            inputs.update(finding_text_embeds=self.finding_embeds, finding_labels=batch["finding_labels"])
+            inputs.update(finding_text_embeds=self.finding_embeds, finding_labels=batch["finding_labels"].float())
         if weights.get("region", 0) > 0:
-            inputs.update(region_prompt_text_embeds=self.region_prompt_embeds, region_labels=batch["region_labels"])
+            inputs.update(region_prompt_text_embeds=self.region_prompt_embeds, region_labels=batch["region_labels"].float())
         if weights.get("fine", 0) > 0:
-            inputs.update(phrase_text_embeds=batch["phrase_text_embeds"],
-                          phrase_positive_mask=batch["phrase_positive_mask"],
-                          phrase_negative_mask=batch["phrase_negative_mask"])
+            positive, negative = region_text_masks(**batch["phrase_supervision"])
+            inputs.update(phrase_text_embeds=batch["phrase_text_embeds"].float(),
+                          phrase_positive_mask=positive, phrase_negative_mask=negative)
         return inputs
 
     def loss(self, output, weights: dict) -> tuple[torch.Tensor, dict]:
@@ -156,10 +171,10 @@ class AnatomyVLMTask:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            if "pixel_values" not in batch:
+            if "pixels" not in batch:
                 continue
             output = model(**self.inputs(batch, {"global": 1, "fine": 1, "region": 1}))
-            n = len(batch["pixel_values"])
+            n = len(batch["pixels"])
             pred = box_convert(output.pred_boxes.float(), "cxcywh", "xyxy").reshape(-1, 4)
             true = box_convert(batch["boxes"].float(), "cxcywh", "xyxy").reshape(-1, 4)
             mask = batch["box_mask"].reshape(-1)

@@ -41,6 +41,9 @@ class SegmentationTask:
     def lora_config(self, lora):
         return self.model.encoder_lora_config(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
 
+    def after_prepare(self, accelerator) -> None:
+        """Nothing to move: every part of the segmentation model runs in a step."""
+
     def start_stage(self, stage) -> dict:
         return {}
 

@@ -200,15 +200,16 @@ class TextEmbeddingCache:
                 j += 1
         return np.where(found, rows[at], 0).astype(np.intp), found
 
-    def lookup(self, texts: Iterable[str]) -> torch.Tensor:
-        """`[T, dim]` float32 cached tower outputs of `texts` (KeyError naming missing texts)."""
+    def lookup(self, texts: Iterable[str], as_stored: bool = False) -> torch.Tensor:
+        """`[T, dim]` float32 cached tower outputs of `texts` (KeyError naming missing texts); with `as_stored`, in
+        the cache's own dtype (a float16 cache's rows cross to the device at half the bytes)."""
         texts = list(texts)
         rows, found = self._locate(hash_normalized([normalize_text(t) for t in texts]))
         if not found.all():
             missing = [texts[i] for i in np.flatnonzero(~found)[:3]]
             raise KeyError(f"{int((~found).sum())} texts are not in the text-embedding cache (e.g. {missing!r}); "
                            "rebuild it over the data being trained on")
-        return torch.from_numpy(np.asarray(self.vectors[rows], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self.vectors[rows], dtype=None if as_stored else np.float32))
 
     def texts(self) -> Iterator[str]:
         """The cached texts in storage order, read from texts.txt (for people; lookups never need them)."""

@@ -403,8 +403,47 @@ def possible_region_texts(
     return {normalize_text(t) for t in texts}
 
 
-def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Deduplicate a batch's texts and build the region-text masks of the fine-grained InfoNCE.
+@dataclass
+class RegionTextSupervision:
+    """A batch's fine-grained supervision in compact form: what crosses from the data loader to the device.
+
+    The dense masks are [B, R, T] bools (at batch 256 with about 5,000 texts, 37 MB each); these arrays are a few
+    hundred kB, and `region_text_masks` builds the masks from them on the device. The negatives are a function of
+    (what a text claims, the labels of the region): `claims[c, l]` says whether claim c contradicts label set l.
+    """
+
+    texts: list[str]          # T unique texts
+    positive: np.ndarray      # [N, 3] int64 (image, region, text): the positives
+    label_id: np.ndarray      # [B, R] int64: the label set of each region of each image (a row of `claims`' columns)
+    claims: np.ndarray        # [C, L] bool: claim c contradicts label set l
+    text_claim: np.ndarray    # [T] int64: what text t claims, read as if it described any region
+    region_claim: np.ndarray  # [P, 3] int64 (region, text, claim): what a text claims at a region it was recorded at
+
+    def tensors(self) -> dict:
+        """The arrays as tensors: the keyword arguments of `region_text_masks` (texts stay with the caller)."""
+        import torch
+
+        return {"positive": torch.from_numpy(self.positive), "label_id": torch.from_numpy(self.label_id),
+                "claims": torch.from_numpy(self.claims), "text_claim": torch.from_numpy(self.text_claim),
+                "region_claim": torch.from_numpy(self.region_claim)}
+
+
+def region_text_masks(positive, label_id, claims, text_claim, region_claim):
+    """The positive and negative masks `[B, R, T]` (bool tensors, on the inputs' device) of a
+    `RegionTextSupervision`'s `tensors()`: rules 1-4 of `region_text_supervision`, applied with gathers."""
+    import torch
+
+    negative = claims[text_claim][:, label_id].permute(1, 2, 0).contiguous()  # [B, R, T]: as if t described r
+    if len(region_claim):
+        region, text, claim = region_claim.unbind(1)
+        negative[:, region, text] = claims[claim[None, :], label_id[:, region]]  # [B, P]
+    positive_mask = torch.zeros_like(negative)
+    positive_mask[positive[:, 0], positive[:, 1], positive[:, 2]] = True
+    return positive_mask, negative & ~positive_mask
+
+
+def region_text_supervision(items: Sequence[ImageRegionTexts]) -> RegionTextSupervision:
+    """Deduplicate a batch's texts and decide the positives and negatives of the fine-grained InfoNCE.
 
     A text t contradicts region r of image b when, with F what t states about r and L = `items[b].labels[r]`:
       1. F claims a finding present that L does not have, or absent that L has present;
@@ -420,17 +459,16 @@ def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], 
     laterality-swapped perturbations stay hard negatives. A text that says nothing about r (no claim L decides)
     is neither positive nor negative there.
 
-    Returns:
-        texts: the batch's unique texts (T), in first-seen order; identity after whitespace normalisation.
-        positive: bool [B, R, T]; text t describes region r of image b.
-        negative: bool [B, R, T]; text t contradicts region r of image b (explicit negatives and every other text
-            of the batch alike); never where `positive` is True.
+    Returns the `RegionTextSupervision` of the batch: its unique texts (T, in first-seen order; identity after
+    whitespace normalisation) and the decisions in compact form. `region_text_masks` expands them into
+    positive [B, R, T] (text t describes region r of image b) and negative [B, R, T] (text t contradicts region r
+    of image b: explicit negatives and every other text of the batch alike; never where positive is True).
     """
     if not items:
-        raise ValueError("collate_region_texts: empty batch")
+        raise ValueError("region_text_supervision: empty batch")
     num_regions = len(items[0].region_names)
     if any(len(item.region_names) != num_regions for item in items):
-        raise ValueError("collate_region_texts: all images must have the same regions")
+        raise ValueError("region_text_supervision: all images must have the same regions")
     index: dict[str, int] = {}
     recorded: dict[tuple[int, int], Facts] = {}  # (text, region) -> what the text states there, over all images
     label_index: dict[RegionLabels, int] = {}
@@ -447,10 +485,6 @@ def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], 
                     if is_positive:
                         where_positive.append((b, r, t))
             label_id[b, r] = label_index.setdefault(item.labels[r], len(label_index))
-    positive = np.zeros((len(items), num_regions, len(index)), dtype=bool)  # [B, R, T]
-    where_positive = tuple(np.array(where_positive, dtype=np.int64).reshape(-1, 3).T)
-    positive[where_positive] = True
-
     anywhere: dict[int, Facts] = {}  # text -> its facts merged over every region it is recorded at
     for (t, _), facts in recorded.items():
         anywhere[t] = anywhere[t].merge(facts) if t in anywhere else facts
@@ -458,13 +492,19 @@ def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], 
     anywhere_id = np.array([claim_index.setdefault(anywhere[t], len(claim_index)) for t in range(len(index))])  # [T]
     pairs = [(t, r, claim_index.setdefault(facts, len(claim_index))) for (t, r), facts in recorded.items()]
     table = _contradiction_table(list(claim_index), list(label_index))  # [C, L]
-    contradicts = np.ascontiguousarray(table[anywhere_id].T)[label_id]  # [B, R, T]: as if t described r
-    pair_t, pair_r, pair_claim = np.array(pairs).T  # texts recorded at r say what they state there
-    differs = pair_claim != anywhere_id[pair_t]
-    pair_t, pair_r, pair_claim = pair_t[differs], pair_r[differs], pair_claim[differs]
-    contradicts[:, pair_r, pair_t] = table[pair_claim[None, :], label_id[:, pair_r]]  # [B, P]
-    contradicts[where_positive] = False  # a text is never a negative where it is a positive
-    return list(index), positive, contradicts
+    pair_t, pair_r, pair_claim = np.array(pairs).T  # texts recorded at r say what they state there...
+    differs = pair_claim != anywhere_id[pair_t]  # ...which only needs recording where it is not what they state anywhere
+    return RegionTextSupervision(
+        texts=list(index), positive=np.array(where_positive, dtype=np.int64).reshape(-1, 3), label_id=label_id,
+        claims=table, text_claim=anywhere_id.astype(np.int64),
+        region_claim=np.stack([pair_r[differs], pair_t[differs], pair_claim[differs]], axis=1).astype(np.int64))
+
+
+def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(texts, positive [B, R, T], negative [B, R, T]) of `region_text_supervision`, as numpy arrays."""
+    supervision = region_text_supervision(items)
+    positive, negative = region_text_masks(**supervision.tensors())
+    return supervision.texts, positive.numpy(), negative.numpy()
 
 
 # ---------------------------------------------------------------------------------------------------
