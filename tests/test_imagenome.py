@@ -141,7 +141,7 @@ def test_corrupt_image_skipped_or_raised_by_transform(phantom_copy, dataset_cach
     dataset.set_transform(make_transform(processor, on_error="skip"))
     batch = dataset[0:3]
     assert batch["image_ok"] == [True, False, True]
-    assert batch["pixel_values"][1].abs().sum() == 0
+    assert batch["pixels"][1].sum() == 0 and batch["pixels"][0].sum() > 0
     dataset.set_transform(make_transform(processor, on_error="raise"))
     with pytest.raises(ImageLoadError, match="corrupt or truncated"):
         dataset[0:3]

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from modeling_anatomy_vlm import ANATOMICAL_REGIONS, DEFAULT_FINDINGS, AnatomyVLMConfig, AnatomyVLMImageProcessor
@@ -131,7 +132,7 @@ def test_no_boxes_so_the_box_mask_is_empty(iu_dirs, dataset_cache):
     dataset.set_transform(make_transform(AnatomyVLMImageProcessor(size=64), on_error="raise"))
     batch = dataset[0:2]
     assert batch["image_ok"] == [True, True]
-    assert tuple(batch["pixel_values"][0].shape) == (3, 64, 64)
+    assert tuple(batch["pixels"][0].shape) == (1, 64, 64) and batch["pixels"][0].dtype == torch.uint8
     assert batch["original_sizes"][1].tolist() == [300, 250]  # (H, W) of the 250 x 300 image
     assert not any(mask.any() for mask in batch["box_mask"])
 

@@ -205,12 +205,19 @@ def _list_tree(folder: Path, prefix: str, lines: list[str], seen: set) -> None:
             _list_tree(Path(entry.path), f"{prefix}{entry.name}/", lines, seen)
 
 
-def cached_dataset(name: str, key: dict, build: Callable[[], tuple[list[dict], DataProblems]], feats,
-                   cache_dir=None, overwrite: bool = False):
+def cached_dataset(name: str, key: dict, build: Callable[[], tuple[Iterable[dict], DataProblems]], feats,
+                   cache_dir=None, overwrite: bool = False, batch_size: int = 1000):
     """Load the Arrow copy of a loader's table keyed by `key` (arguments + source file signatures), or build it.
 
     The first load parses the sources (slow: JSON / XML per image); later loads memory-map the Arrow file.
+    `build()` returns ``(rows, problems)``: `rows` is a list or any iterable of row dicts (the columns of `feats`);
+    a generator is consumed once, while the rows are written, and may go on filling `problems` until it ends. The
+    rows go to the Arrow file `batch_size` at a time, so a streamed table is never whole in memory. The cache is
+    written as ``{name}-{digest}.tmp`` and renamed when complete: a build that raises, or is killed, leaves no
+    folder with the final name (the next build removes the leftover ``.tmp``).
     """
+    import shutil
+
     import datasets
 
     digest = hashlib.sha256(json.dumps({"v": _CACHE_VERSION, **key}, sort_keys=True, default=str).encode()).hexdigest()
@@ -220,70 +227,135 @@ def cached_dataset(name: str, key: dict, build: Callable[[], tuple[list[dict], D
         dataset = datasets.load_from_disk(str(path))
         logger.info("%s: loaded %d rows from the Arrow cache %s", name, len(dataset), path)
         return dataset.cast_column("image", feats["image"])
-    rows, problems = build()
-    problems.log(len(rows))
-    if not rows:
-        raise ValueError(f"{name}: no usable images ({problems.as_dict()['counts']}); check the paths")
-    # Paths are stored as strings: `save_to_disk` would copy every image's bytes into an Image column.
+    # Paths are stored as strings: an Image column would copy every image's bytes into the cache.
     stored = datasets.Features({**feats, "image": datasets.Value("string")})
-    columns = {column: [r[column] for r in rows] for column in feats}
-    dataset = datasets.Dataset.from_dict(columns, features=stored)
     tmp = path.with_name(path.name + ".tmp")
-    dataset.save_to_disk(str(tmp))
-    (tmp / "anatomy_vlm_stats.json").write_text(json.dumps(problems.as_dict(), indent=2))
+    if tmp.exists():  # left by a build that was killed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    rows = None
+    try:
+        rows, problems = build()
+        num_rows = _write_arrow_folder(tmp, rows, stored, digest, batch_size)
+        problems.log(num_rows)
+        if not num_rows:
+            raise ValueError(f"{name}: no usable images ({problems.as_dict()['counts']}); check the paths")
+        (tmp / "anatomy_vlm_stats.json").write_text(json.dumps(problems.as_dict(), indent=2))
+    except BaseException:
+        if hasattr(rows, "close"):  # a generator stopped midway: let it release its workers now
+            rows.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     tmp.rename(path)  # only complete caches ever carry the final name
     return datasets.load_from_disk(str(path)).cast_column("image", feats["image"])
 
 
-# --------------------------------------------------------------------------------------------- transform
-def make_transform(processor, on_error: str = "skip") -> Callable[[dict], dict]:
-    """A `Dataset.set_transform` function: decodes images with the model's loader and runs the processor.
+def _write_arrow_folder(folder: Path, rows: Iterable[dict], stored, fingerprint: str, batch_size: int) -> int:
+    """Writes `rows` into `folder` as `Dataset.save_to_disk` lays a dataset out (one Arrow file, ``state.json``,
+    ``dataset_info.json``: what `datasets.load_from_disk` reads), `batch_size` rows at a time; returns the row count.
+    The Arrow file is written by `datasets.arrow_writer.ArrowWriter`, as `save_to_disk` writes its shards."""
+    from dataclasses import asdict
 
-    Adds ``pixel_values`` [3, S, S], ``original_sizes`` [2] (H, W), ``target_boxes`` [R, 4] (normalised cx, cy,
-    w, h; the pixel ``boxes`` stay) and ``box_mask`` [R]. An image that cannot be read raises under ``on_error="raise"``; under ``"skip"`` it
-    yields ``image_ok = False`` (zero pixels) so the collator can drop it and count it.
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    filename = "data-00000-of-00001.arrow"
+    columns = list(stored)
+    num_rows = 0
+    writer = ArrowWriter(features=stored, path=str(folder / filename), writer_batch_size=batch_size)
+    try:
+        batch: dict[str, list] = {column: [] for column in columns}
+        for row in rows:
+            for column in columns:
+                batch[column].append(row[column])
+            num_rows += 1
+            if num_rows % batch_size == 0:
+                writer.write_batch(batch)
+                batch = {column: [] for column in columns}
+        if num_rows % batch_size:
+            writer.write_batch(batch)
+        writer.finalize()
+    finally:
+        writer.close()
+    if not num_rows:
+        return 0
+    info = asdict(datasets.Dataset.from_file(str(folder / filename)).info)  # the features, as the file records them
+    state = {"_data_files": [{"filename": filename}], "_fingerprint": fingerprint, "_format_columns": None,
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (folder / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+    return num_rows
+
+
+# --------------------------------------------------------------------------------------------- transform
+def make_transform(processor, on_error: str = "skip", prepared_dir=None) -> Callable[[dict], dict]:
+    """A `Dataset.set_transform` function: decodes images with the model's loader and resizes them.
+
+    Adds ``pixels`` [1, S, S] uint8 (resized and padded, not normalised: `AnatomyVLMImageProcessor.normalize_pixels`
+    finishes them on the device), ``original_sizes`` [2] (H, W), ``target_boxes`` [R, 4] (normalised cx, cy, w, h;
+    the pixel ``boxes`` stay) and ``box_mask`` [R]. With `prepared_dir` (a store written by `train.data.prepare`)
+    images are read from its shards when it holds them unchanged, else decoded from their files. An image that
+    cannot be read raises under ``on_error="raise"``; under ``"skip"`` it yields ``image_ok = False`` (zero pixels)
+    so the collator can drop it and count it.
     """
     import torch
 
-    from modeling_anatomy_vlm.image_processing_anatomy_vlm import ImageLoadError
+    from modeling_anatomy_vlm.image_processing_anatomy_vlm import ImageLoadError, load_grayscale
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     image_processor = getattr(processor, "image_processor", processor)
-    size, channels = image_processor.size, image_processor.num_channels
+    size = image_processor.size
+    prepared = None
+    if prepared_dir is not None:
+        from train.data.prepare import PreparedImages
+
+        prepared = PreparedImages.open(prepared_dir)
+        if prepared.size < size:
+            raise ValueError(f"data.prepared_dir: {prepared_dir} holds images of long side {prepared.size} px, smaller "
+                             f"than the model's {size} px input; prepare them again with --size {size} or more")
+
+    def load(image: dict):
+        """(grayscale [H', W'] uint8 or float, original (H, W)) of one ``image`` column value."""
+        if image["bytes"] is not None:
+            gray = load_grayscale(Image.open(io.BytesIO(image["bytes"])))
+            return gray, gray.shape
+        if prepared is not None:
+            hit = prepared.get(image["path"])
+            if hit is not None:
+                return hit
+        gray = load_grayscale(image["path"])
+        return gray, gray.shape
 
     def transform(batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if k != "image"}
         pixels, sizes, targets, masks, ok = [], [], [], [], []
         for image, raw_boxes, width, height in zip(batch["image"], batch["boxes"], batch["width"], batch["height"]):
-            source = image["path"] if image["bytes"] is None else Image.open(io.BytesIO(image["bytes"]))
             raw_boxes = np.asarray(raw_boxes, dtype=np.float32)
             try:
-                encoded = image_processor([source], boxes=[raw_boxes])
-                got = tuple(encoded["original_sizes"][0].tolist())
-                if got != (height, width):
-                    raise ImageLoadError(f"{image['path']}: image is {got[1]}x{got[0]} px but the index says "
+                gray, original = load(image)
+                if tuple(original) != (height, width):
+                    raise ImageLoadError(f"{image['path']}: image is {original[1]}x{original[0]} px but the index says "
                                          f"{width}x{height}; its boxes would be misplaced")
             except ImageLoadError as error:
                 if on_error == "raise":
                     raise
                 logger.warning("skipping image: %s", error)
-                pixels.append(torch.zeros(channels, size, size))
+                pixels.append(torch.zeros(1, size, size, dtype=torch.uint8))
                 sizes.append(torch.tensor([height, width]))
                 targets.append(torch.zeros(len(raw_boxes), 4))
                 masks.append(torch.zeros(len(raw_boxes), dtype=torch.bool))
                 ok.append(False)
                 continue
-            pixels.append(encoded["pixel_values"][0])
-            sizes.append(encoded["original_sizes"][0])
-            targets.append(encoded["boxes"][0])
-            masks.append(encoded["box_mask"][0])
+            boxes, mask = image_processor.normalize_boxes(raw_boxes, (height, width))
+            pixels.append(image_processor.resize_pad_uint8(gray, original_size=(height, width)))
+            sizes.append(torch.tensor([height, width]))
+            targets.append(boxes)
+            masks.append(mask)
             ok.append(True)
-        out.update(pixel_values=pixels, original_sizes=sizes, target_boxes=targets, box_mask=masks, image_ok=ok)
+        out.update(pixels=pixels, original_sizes=sizes, target_boxes=targets, box_mask=masks, image_ok=ok)
         return out
 
     return transform

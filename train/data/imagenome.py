@@ -19,9 +19,12 @@ image are clipped, boxes left without area are dropped (NaN, masked in the loss)
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
@@ -32,11 +35,13 @@ from train.data import mimic
 from train.data.common import (
     DataProblems, cached_dataset, clean_boxes, features, file_signature, label_arrays, phrase_rows,
 )
-from train.data.tables import read_rows
+from train.data.tables import open_table, read_rows
 from train.text.region_texts import scene_graph_region_phrases
 from train.text.vocabulary import parse_attribute
 
 SPLIT_FILES = {"train": "train", "validate": "valid", "valid": "valid", "val": "valid", "test": "test"}
+PARSE_CHUNK = 64  # scene graphs per task sent to a worker process
+CHUNKS_AHEAD = 4  # tasks per worker submitted and not yet written: bounds the rows held in memory
 
 
 def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
@@ -132,7 +137,8 @@ def load_imagenome(
         on_error: ``"skip"`` counts and logs bad rows (missing image, missing or malformed scene graph);
             ``"raise"`` stops at the first one with a `ValueError` naming the file.
         max_images: keep the first N rows of the split (quick experiments).
-        num_proc: worker processes for parsing scene graphs on the first load.
+        num_proc: worker processes for parsing scene graphs on the first load. Their rows stream, in split order,
+            into the Arrow file (`cached_dataset`): a few hundred rows are in memory at a time, not the split.
     """
     if root is not None:
         root = Path(root)
@@ -175,43 +181,92 @@ def load_imagenome(
             entries = kept
         if max_images is not None:
             entries = entries[:max_images]
-        sizes = mimic.image_sizes(mimic_dir)
-        jobs = []
-        for entry in entries:
-            entry = {**entry, "split": split_name}
-            report = None
-            if reports_dir is not None:
-                report = mimic.report_path(Path(reports_dir), entry["subject_id"], entry["study_id"])
-            scene_graph = silver / "scene_graph" / f"{entry['dicom_id']}_SceneGraph.json"
-            jobs.append((entry, mimic.jpg_path_of_row(mimic_dir, entry), scene_graph, report,
-                         sizes.get(entry["dicom_id"]), tuple(region_names), tuple(findings)))
-        from tqdm import tqdm
+        sizes = _image_sizes(mimic_dir, {entry["dicom_id"] for entry in entries})
+        regions, names = tuple(region_names), tuple(findings)
 
-        rows = []
-        bar = dict(total=len(jobs), desc=f"imagenome[{split_name}] index", unit="img", mininterval=2.0,
-                   disable=len(jobs) < 2000)
-        if num_proc > 1 and len(jobs) > 256:
-            with ProcessPoolExecutor(num_proc) as pool:
-                results = tqdm(pool.map(_parse_one, jobs, chunksize=64), **bar)
-                rows = _collect(results, problems)
-        else:
-            rows = _collect(tqdm(map(_parse_one, jobs), **bar), problems)
-        return rows, problems
+        def jobs():  # made as the workers need them: only the split table's rows stay in memory
+            for entry in entries:
+                entry = {**entry, "split": split_name}
+                report = None
+                if reports_dir is not None:
+                    report = mimic.report_path(Path(reports_dir), entry["subject_id"], entry["study_id"])
+                scene_graph = silver / "scene_graph" / f"{entry['dicom_id']}_SceneGraph.json"
+                yield (entry, mimic.jpg_path_of_row(mimic_dir, entry), scene_graph, report,
+                       sizes.get(entry["dicom_id"]), regions, names)
+
+        def rows():
+            from tqdm import tqdm
+
+            bar = dict(total=len(entries), desc=f"imagenome[{split_name}] index", unit="img", mininterval=2.0,
+                       disable=len(entries) < 2000)
+            if num_proc > 1 and len(entries) > 256:
+                with ProcessPoolExecutor(num_proc) as pool:
+                    yield from _collect(tqdm(_ordered_map(pool, jobs(), num_proc), **bar), problems)
+            else:
+                yield from _collect(tqdm(map(_parse_one, jobs()), **bar), problems)
+
+        return rows(), problems
 
     return cached_dataset(f"imagenome-{split_name}", key, build, features(len(region_names), len(findings)),
                           cache_dir=cache_dir, overwrite=overwrite_cache)
 
 
-def _collect(results, problems: DataProblems) -> list[dict]:
-    rows = []
+def _collect(results, problems: DataProblems):
+    """Yields the rows of `_parse_one` results, counting their problems in `problems` as they pass."""
     for row, row_problems, counts in results:
         for kind, path, message in row_problems:
             problems.problem(kind, path, message)
         for kind, n in counts.items():
             problems.count(kind, n)
         if row is not None:
-            rows.append(row)
-    return rows
+            yield row
+
+
+def _parse_chunk(jobs: list) -> list:
+    return [_parse_one(job) for job in jobs]
+
+
+def _ordered_map(pool, jobs, num_proc: int):
+    """`_parse_one` over `jobs` in `pool`, results in order, `PARSE_CHUNK` jobs per task, with at most
+    `CHUNKS_AHEAD` tasks per worker submitted and not yet consumed. (`Executor.map` submits every job at once, so
+    when the consumer -- here the Arrow writer -- is slower than the workers, finished results pile up in memory.)"""
+    jobs, chunksize, ahead = iter(jobs), PARSE_CHUNK, CHUNKS_AHEAD
+    pending: deque = deque()
+
+    def submit() -> bool:
+        chunk = list(islice(jobs, chunksize))
+        if chunk:
+            pending.append(pool.submit(_parse_chunk, chunk))
+        return bool(chunk)
+
+    while len(pending) < ahead * num_proc and submit():
+        pass
+    try:
+        while pending:
+            results = pending.popleft().result()
+            submit()
+            yield from results
+    finally:
+        for future in pending:  # stopped early (an error, or the consumer gave up): drop the rest
+            future.cancel()
+
+
+def _image_sizes(mimic_dir: Path, wanted: set) -> dict[str, tuple[int, int]]:
+    """`mimic.image_sizes` of the images in `wanted` only, read row by row: MIMIC-CXR-JPG's metadata table has
+    377k rows of 12 columns, several hundred MB as the list of dicts `read_rows` makes."""
+    table = mimic.metadata_table(mimic_dir)
+    if table is None:
+        return {}
+    sizes = {}
+    with open_table(table) as handle:
+        for row in csv.DictReader(handle):
+            dicom_id = row.get("dicom_id")
+            if dicom_id in wanted:
+                try:
+                    sizes[dicom_id] = (int(float(row["Rows"])), int(float(row["Columns"])))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    return sizes
 
 
 def main(argv=None) -> None:
