@@ -13,6 +13,7 @@ Adding a dataset is one loader module plus one `DATASETS` entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from train.config import DataConfig, ConfigError, resolve_path
@@ -117,7 +118,9 @@ def load_mask_split(data: DataConfig, split: str, labels: Sequence[str], **optio
 
 
 def ensure_phantom(data: DataConfig) -> None:
-    """Generate the phantom set `data.phantom` describes into `data.root` (an identical complete set is kept)."""
+    """Generate the phantom set `data.phantom` describes into `data.root` (an identical complete set is kept) and,
+    with `data.prepared_dir`, its prepared image shards at the phantom's size (a store of another plan is replaced:
+    it is derived from the phantom set alone)."""
     if data.phantom is None:
         return
     from train.data.phantom import generate_dataset
@@ -125,4 +128,12 @@ def ensure_phantom(data: DataConfig) -> None:
     if data.root is None:
         raise ConfigError("data.root: required where data.phantom is set (the folder the phantom set is written to)")
     spec = data.phantom
-    generate_dataset(resolve_path(data.root), n=spec.n, seed=spec.seed, size=spec.size, workers=spec.workers)
+    root = generate_dataset(resolve_path(data.root), n=spec.n, seed=spec.seed, size=spec.size, workers=spec.workers)
+    if data.prepared_dir is not None:
+        from train.data.prepare import PrepareError, prepare
+
+        source, out = Path(root) / "mimic-cxr-jpg", resolve_path(data.prepared_dir)
+        try:
+            prepare(source, out, size=spec.size, num_proc=spec.workers)
+        except PrepareError:
+            prepare(source, out, size=spec.size, num_proc=spec.workers, overwrite=True)
