@@ -52,7 +52,7 @@ def image_statistics(pixel_values: torch.Tensor, original_sizes, image_processor
     out): square roots of the fractions of its pixels in `HISTOGRAM_BINS` equal bins of [0, 1]; their mean,
     standard deviation and mean absolute difference between neighbouring pixels; the mean of each cell of a
     `LAYOUT_GRID` x `LAYOUT_GRID` grid, row by row."""
-    gray = pixel_values[:, 0].detach().float().cpu() * image_processor.image_std + image_processor.image_mean
+    gray = image_processor.gray_from_pixel_values(pixel_values.detach().float().cpu())
     rows = []
     for image, (height, width) in zip(gray, torch.as_tensor(original_sizes).tolist()):
         kept_rows, kept_cols = image_processor.resized_size(height, width)

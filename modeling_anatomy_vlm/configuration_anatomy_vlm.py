@@ -95,6 +95,7 @@ _DEFAULT_VISION_CONFIG = {
 
 SUPPORTED_VISION_TYPES = ("vit", "dinov2")
 PATCH_EMBEDDINGS = ("linear", "conv")
+EMBEDDING_POOLING = ("box", "paper")  # see `embedding_pooling`
 
 # Objective weights were config fields until the stage YAML took them over (`AnatomyVLMModel.forward`'s
 # `loss_weights`); configs saved before still carry them, so they are accepted and dropped.
@@ -138,6 +139,10 @@ class AnatomyVLMConfig(PreTrainedConfig):
             checkpoint with its own architecture class (`auto_map`), such as CXR-BERT.
         text_pooling (`str`, *optional*, defaults to `"mean"`):
             How a text's token states become one vector: `"mean"` (sentence-transformers) or `"cls"` (BERT-style).
+        embedding_pooling (`str`, *optional*, defaults to `"box"`):
+            How the vision tower's tokens become the joint-space embeddings. `"box"`: a region is its anatomy token
+            + the mean of the patch tokens inside its predicted box, the image is [CLS] + the max over patch tokens.
+            `"paper"` (PAPER.md): a region is its anatomy token + the mean of all patch tokens, the image is [CLS].
         region_names (`list[str]`, *optional*):
             The anatomy regions, one learnable query each; defaults to the 29 Chest ImaGenome regions.
         findings (`list[str]`, *optional*):
@@ -169,6 +174,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         text_model_name_or_path: str = EMBEDDED_TEXT_ENCODER,
         text_trust_remote_code: bool = False,
         text_pooling: str = "mean",
+        embedding_pooling: str = "box",
         region_names=None,
         findings=None,
         projection_dim: int = 512,
@@ -193,6 +199,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         self.text_model_name_or_path = text_model_name_or_path
         self.text_trust_remote_code = text_trust_remote_code
         self.text_pooling = text_pooling
+        self.embedding_pooling = embedding_pooling
         self.region_names = list(region_names if region_names is not None else ANATOMICAL_REGIONS)
         self.findings = list(findings if findings is not None else DEFAULT_FINDINGS)
         self.projection_dim = projection_dim
@@ -244,6 +251,8 @@ class AnatomyVLMConfig(PreTrainedConfig):
             fail(f"text_trust_remote_code must be True or False, got {self.text_trust_remote_code!r}")
         if self.text_pooling not in TEXT_POOLING_MODES:
             fail(f"text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}")
+        if self.embedding_pooling not in EMBEDDING_POOLING:
+            fail(f"embedding_pooling must be one of {EMBEDDING_POOLING}, got {self.embedding_pooling!r}")
         if not self.region_names:
             fail("region_names must not be empty")
         if len(set(self.region_names)) != len(self.region_names):

@@ -187,7 +187,8 @@ class AnatomyVLMImageProcessor(BaseImageProcessor):
     Args:
         size (`int`, *optional*, defaults to 224): side of the square model input (= `vision_config.image_size`).
         num_channels (`int`, *optional*, defaults to 3): grayscale is repeated to this many channels.
-        image_mean, image_std (`float`, *optional*, defaults to 0.5 and 0.5): normalisation of the [0, 1] image.
+        image_mean, image_std (`float` or a list of one per channel, *optional*, defaults to 0.5 and 0.5):
+            normalisation of the [0, 1] image, e.g. the statistics a pretrained vision tower was trained with.
     """
 
     model_input_names = ["pixel_values"]
@@ -196,12 +197,24 @@ class AnatomyVLMImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if not isinstance(size, int) or size < MIN_IMAGE_SIDE:
             raise ValueError(f"AnatomyVLMImageProcessor: size must be an integer >= {MIN_IMAGE_SIDE}, got {size!r}")
-        if image_std <= 0:
-            raise ValueError(f"AnatomyVLMImageProcessor: image_std must be > 0, got {image_std!r}")
         self.size = size
         self.num_channels = num_channels
-        self.image_mean = float(image_mean)
-        self.image_std = float(image_std)
+        self.image_mean, self.image_std = self._statistic("image_mean", image_mean), self._statistic("image_std", image_std)
+        if min(np.atleast_1d(self.image_std)) <= 0:
+            raise ValueError(f"AnatomyVLMImageProcessor: image_std must be > 0, got {image_std!r}")
+
+    def _statistic(self, name: str, value):
+        """A float, or a list of one float per channel (a list of one is a float)."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(values) not in (1, self.num_channels):
+            raise ValueError(f"AnatomyVLMImageProcessor: {name} needs 1 or {self.num_channels} values, got {value!r}")
+        values = [float(v) for v in values]
+        return values[0] if len(values) == 1 else values
+
+    def _statistics(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as `[1 or C, 1, 1]` tensors on `device`."""
+        return tuple(torch.tensor(np.atleast_1d(v), dtype=torch.float32, device=device).reshape(-1, 1, 1)
+                     for v in (self.image_mean, self.image_std))
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """Size of the image inside the padded square: long side = `size`, aspect kept."""
@@ -274,8 +287,13 @@ class AnatomyVLMImageProcessor(BaseImageProcessor):
         """`[B, 1, S, S]` (uint8, or float in [0, 1]) -> `pixel_values` `[B, num_channels, S, S]` float32,
         normalised; runs on whatever device `pixels` is on."""
         pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-        pixels = (pixels - self.image_mean) / self.image_std
-        return pixels.expand(-1, self.num_channels, -1, -1).contiguous()
+        mean, std = self._statistics(pixels.device)
+        return ((pixels.expand(-1, self.num_channels, -1, -1) - mean) / std).contiguous()
+
+    def gray_from_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, C, S, S]` `pixel_values` -> `[B, S, S]` the [0, 1] grayscale they were made from (channel 0)."""
+        mean, std = self._statistics(pixel_values.device)
+        return pixel_values[:, 0].float() * std[0] + mean[0]
 
     def normalize_boxes(self, boxes, original_size) -> tuple[torch.Tensor, torch.Tensor]:
         """`[R, 4]` (x1, y1, x2, y2) original pixels -> (`[R, 4]` normalised (cx, cy, w, h), `[R]` valid mask).

@@ -1,6 +1,7 @@
 """The three Anatomy-VLM objectives as pure functions (no module state), so each is testable on its own.
 
-Box convention everywhere: normalised (cx, cy, w, h) in the processed (resized + padded) image.
+Box convention everywhere: normalised (cx, cy, w, h) in the processed (resized + padded) image. Every loss is
+computed in fp32, whatever precision its inputs come in (bf16 under autocast).
 """
 
 import torch
@@ -49,6 +50,7 @@ def detection_loss(
         `(weighted_loss, l1, giou)`, each a scalar: mean per present box (L1 summed over the 4 coordinates).
     """
     box_mask = box_mask.bool()
+    pred_boxes, target_boxes = pred_boxes.float(), target_boxes.float()
     # A data check. Reading its result is a host-device sync, so it runs on CPU tensors only (and never inside a
     # compiled step); on GPUs the loaders and the processor already mask boxes without area.
     if pred_boxes.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -75,6 +77,7 @@ def global_finding_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
         logits: `[B, F]` scaled cosine similarities (+ bias) of image embeddings and finding-name embeddings.
         labels: `[B, F]` 1 = finding present, 0 = absent, any negative value = unknown (left out).
     """
+    logits = logits.float()
     known = labels >= 0
     loss = F.binary_cross_entropy_with_logits(logits, labels.clamp(min=0).to(logits.dtype), reduction="none")
     return (loss * known).sum() / known.sum().clamp(min=1)
@@ -101,6 +104,7 @@ def region_phrase_contrastive_loss(
         negative_mask: `[B, Q, T]` bool; None means every non-positive text is a negative.
         text_ids: `[T]` integer id of each column's text; equal ids mean identical texts.
     """
+    logits = logits.float()
     positive_mask = positive_mask.bool()
     if text_ids is not None:
         same_text = text_ids[:, None] == text_ids[None, :]  # [T, T]

@@ -220,6 +220,13 @@ class AnatomyBoxHead(nn.Module):
         return x.sigmoid()
 
 
+def fp32_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    """`torch.einsum` in fp32, also under autocast: the similarity logits every loss and score is made of. In bf16
+    (8 mantissa bits) a cosine of 0.9 times a scale of 100 is only resolved to about 0.4 logits."""
+    with torch.autocast(operands[0].device.type, enabled=False):
+        return torch.einsum(equation, *(operand.float() for operand in operands))
+
+
 class AnatomyVLMPreTrainedModel(PreTrainedModel):
     config_class = AnatomyVLMConfig
     config: AnatomyVLMConfig
@@ -267,7 +274,8 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         hidden = config.vision_config.hidden_size
         self.vision_model = AnatomyVisionTransformer(config)
         self.box_head = AnatomyBoxHead(hidden, config.box_head_layers)
-        self.visual_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
+        image_features = hidden if config.embedding_pooling == "paper" else 2 * hidden  # [CLS] (+ max of patches)
+        self.visual_projection = nn.Linear(image_features, config.projection_dim, bias=False)
         self.region_projection = nn.Linear(2 * hidden, config.projection_dim, bias=False)
         self.text_model = build_text_tower(config.text_config)
         self.text_model.requires_grad_(False)
@@ -338,20 +346,26 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the vision tower once and return boxes, normalised image and region embeddings and hidden states.
 
-        A region embedding joins its anatomy token with the mean of the patch tokens inside the region's predicted
-        box (`box_pooling_weights`), so it carries what that region looks like in this image, not only which
-        region it is. The image embedding joins [CLS] with the element-wise max over all patch tokens: a finding
-        that fills a few patches (a tube, a nodule, a curved spine) survives a max but is diluted in a mean.
+        With `embedding_pooling="box"`, a region embedding joins its anatomy token with the mean of the patch tokens
+        inside the region's predicted box (`box_pooling_weights`), so it carries what that region looks like in this
+        image, not only which region it is; the image embedding joins [CLS] with the element-wise max over all patch
+        tokens: a finding that fills a few patches (a tube, a nodule, a curved spine) survives a max but is diluted
+        in a mean. With `"paper"`: anatomy token + the mean of all patch tokens, and [CLS] alone.
         """
         hidden = self.vision_model(pixel_values)  # [B, 1 + N + Q, hidden]
         num_queries = self.config.num_anatomy_queries
         cls_token, patch_tokens, anatomy_tokens = hidden[:, 0], hidden[:, 1:-num_queries], hidden[:, -num_queries:]
         pred_boxes = self.box_head(anatomy_tokens)
         # Detached: where the boxes go is the detection loss's business, not the alignment losses'.
-        weights = box_pooling_weights(pred_boxes.detach(), self.vision_model.embeddings.grid_size)  # [B, Q, N]
-        region_patches = weights.to(patch_tokens.dtype) @ patch_tokens  # [B, Q, hidden]
+        if self.config.embedding_pooling == "paper":
+            region_patches = patch_tokens.mean(dim=1, keepdim=True).expand_as(anatomy_tokens)  # [B, Q, hidden]
+            image_features = cls_token
+        else:
+            weights = box_pooling_weights(pred_boxes.detach(), self.vision_model.embeddings.grid_size)  # [B, Q, N]
+            region_patches = weights.to(patch_tokens.dtype) @ patch_tokens  # [B, Q, hidden]
+            image_features = torch.cat([cls_token, patch_tokens.amax(dim=1)], dim=-1)
         region_embeds = self.region_projection(torch.cat([anatomy_tokens, region_patches], dim=-1))
-        image_embeds = self.visual_projection(torch.cat([cls_token, patch_tokens.amax(dim=1)], dim=-1))
+        image_embeds = self.visual_projection(image_features)
         return {
             "pred_boxes": pred_boxes,
             "image_embeds": F.normalize(image_embeds, dim=-1),
@@ -487,18 +501,18 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
     def global_logits(self, image_embeds: torch.Tensor, finding_embeds: torch.Tensor) -> torch.Tensor:
         """`[B, F]` sigmoid logits of each finding for each image."""
         scale = self.logit_scale_global.clamp(max=math.log(100)).exp()
-        return scale * image_embeds @ finding_embeds.T + self.logit_bias_global
+        return scale * fp32_einsum("bd,fd->bf", image_embeds, finding_embeds) + self.logit_bias_global
 
     def region_pair_logits(self, region_embeds: torch.Tensor, pair_embeds: torch.Tensor) -> torch.Tensor:
         """`[B, Q, F, 2]` logits of each region against its own prompt pair `pair_embeds` `[2, Q, F, D]`
         ("<finding> in the <region>", "no <finding> in the <region>"): what training and `zero_shot_scores` share."""
         scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
-        return scale * torch.einsum("bqd,pqfd->bqfp", region_embeds, pair_embeds)
+        return scale * fp32_einsum("bqd,pqfd->bqfp", region_embeds, pair_embeds)
 
     def region_logits(self, region_embeds: torch.Tensor, phrase_embeds: torch.Tensor) -> torch.Tensor:
         """`[B, Q, T]` contrastive logits of each phrase for each region."""
         scale = self.logit_scale_fine.clamp(max=math.log(100)).exp()
-        return scale * torch.einsum("bqd,td->bqt", region_embeds, phrase_embeds)
+        return scale * fp32_einsum("bqd,td->bqt", region_embeds, phrase_embeds)
 
     # ----------------------------------------------------------------------------------------------- zero-shot
     @torch.no_grad()

@@ -263,3 +263,16 @@ def test_evaluation_reports_calibration_and_ood_on_the_test_split(calibrated, tm
                               n_bootstrap=0, progress=False, plots=False)
     assert bare["calibration"] is None
     assert bare["global"]["macro"] == metrics["global"]["macro"]  # calibration leaves every other metric alone
+
+
+def test_validation_metrics_of_the_calibration_pass_equal_an_evaluation_of_the_validation_split(calibrated):
+    """What the quickstart selects settings by: the calibration pass's validation metrics, no extra inference."""
+    from train.eval.zero_shot import evaluate_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny splits: undefined classes
+        evaluated = evaluate_checkpoint(calibrated["model_dir"], calibrated["data"], "validate")
+    reported = calibrated["report"]["validation_metrics"]
+    assert reported["num_images"] == evaluated["num_images"] == calibrated["report"]["validation"]["num_images"]
+    for key in ("detection_miou", "global_auc_macro", "region_auc_macro"):
+        assert reported[key] == pytest.approx(evaluated[key], abs=1e-6), key

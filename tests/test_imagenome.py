@@ -113,6 +113,23 @@ def test_bad_boxes_clipped_dropped_and_counted(phantom_copy, dataset_cache, capl
     assert int(mask.sum()) == 27
 
 
+def test_a_region_named_twice_gets_the_union_of_its_boxes(phantom_copy, dataset_cache, caplog):
+    dicom_id = _split_ids(phantom_copy, "train")[0]
+    path = _graph_path(phantom_copy, dicom_id)
+    graph = json.loads(path.read_text())
+    heart = next(o for o in graph["objects"] if o["bbox_name"] == "cardiac silhouette")
+    x1, y1, x2, y2 = (heart[k] for k in ("original_x1", "original_y1", "original_x2", "original_y2"))
+    graph["objects"].append({**heart, "original_x1": x1 + 5, "original_y1": y1 - 7, "original_x2": x2 + 9,
+                             "original_y2": y2 - 3})  # a second, shifted box for the same region
+    path.write_text(json.dumps(graph))
+    with caplog.at_level(logging.INFO, logger="anatomy_vlm.data"):
+        row = load_imagenome(phantom_copy, "train")[0]
+    assert row["image_id"] == dicom_id
+    box = np.asarray(row["boxes"])[ANATOMICAL_REGIONS.index("cardiac silhouette")]
+    np.testing.assert_allclose(box, [x1, y1 - 7, x2 + 9, y2])  # covers both, not the last one read
+    assert "duplicate region boxes united 1" in caplog.text
+
+
 def test_malformed_scene_graph_and_missing_image(phantom_copy, dataset_cache, caplog):
     ids = _split_ids(phantom_copy, "train")
     _graph_path(phantom_copy, ids[0]).write_text('{"objects": [ {"bbox_name": ')  # truncated JSON

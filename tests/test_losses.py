@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modeling_anatomy_vlm.loss_anatomy_vlm import (
     detection_loss,
@@ -101,3 +102,24 @@ def test_generalized_box_iou_matches_torchvision():
     expected = torch.diagonal(reference(box_convert(a, "cxcywh", "xyxy"), box_convert(b, "cxcywh", "xyxy")))
     torch.testing.assert_close(generalized_box_iou(a, b), expected, atol=1e-4, rtol=1e-4)  # eps differs
     torch.testing.assert_close(generalized_box_iou(a[:5], b[:5]), torch.ones(5), atol=1e-4, rtol=0)
+
+
+def test_similarities_and_losses_are_fp32_under_bf16_autocast(tiny_model_and_processor):
+    model, _ = tiny_model_and_processor
+    generator = torch.Generator().manual_seed(0)
+    regions = F.normalize(torch.randn(2, 3, 32, generator=generator), dim=-1).bfloat16()
+    phrases = F.normalize(torch.randn(5, 32, generator=generator), dim=-1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.region_logits(regions, phrases)
+        eager_bf16 = model.logit_scale_fine.exp() * torch.einsum("bqd,td->bqt", regions, phrases)
+        positive = torch.zeros(2, 3, 5, dtype=torch.bool)
+        positive[:, :, 0] = True
+        fine = region_phrase_contrastive_loss(eager_bf16, positive)
+        box = detection_loss(torch.rand(2, 3, 4).bfloat16() * 0.5 + 0.25, torch.full((2, 3, 4), 0.5),
+                             torch.ones(2, 3, dtype=torch.bool))[0]
+        global_ = global_finding_loss(eager_bf16[:, 0], torch.ones(2, 5))
+    reference = model.logit_scale_fine.exp() * torch.einsum("bqd,td->bqt", regions.float(), phrases.float())
+    assert logits.dtype == torch.float32 and eager_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
+    assert (eager_bf16.float() - reference).abs().max() > 1e-3  # what bf16 would have given: visibly off
+    assert fine.dtype == box.dtype == global_.dtype == torch.float32

@@ -23,6 +23,7 @@ def test_regions_are_the_29_chest_imagenome_names_in_order():
         ({"vision_config": {"model_type": "bert"}}, "vision_config.model_type"),
         ({"vision_config": {"model_type": "vit", "image_size": 100, "patch_size": 16}}, "multiple of patch_size"),
         ({"patch_embedding": "mlp"}, "patch_embedding must be one of"),
+        ({"embedding_pooling": "max"}, "embedding_pooling must be one of"),
         ({"patch_embedding": "conv", "vision_config": {"model_type": "vit", "image_size": 96, "patch_size": 12}},
          "patch_size must be a power of 2"),
     ],
@@ -317,3 +318,24 @@ def test_region_loss_trains_the_score_interpret_reports(tiny_model_and_processor
     known = labels >= 0
     expected = torch.nn.functional.binary_cross_entropy(scores[known], labels[known])
     torch.testing.assert_close(output.loss_region, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_pooling_is_cls_and_anatomy_token_plus_mean_patch(tmp_path):
+    torch.manual_seed(0)
+    model = AnatomyVLMModel(tiny_config(embedding_pooling="paper")).eval()
+    hidden = model.config.vision_config.hidden_size
+    assert model.visual_projection.in_features == hidden and model.region_projection.in_features == 2 * hidden
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.encode_image(pixels)
+        states = model.vision_model(pixels)
+    q = model.config.num_anatomy_queries
+    cls, patches, anatomy = states[:, 0], states[:, 1:-q], states[:, -q:]
+    image = torch.nn.functional.normalize(model.visual_projection(cls), dim=-1)
+    mean = patches.mean(1, keepdim=True).expand_as(anatomy)
+    region = torch.nn.functional.normalize(model.region_projection(torch.cat([anatomy, mean], -1)), dim=-1)
+    torch.testing.assert_close(features["image_embeds"], image)
+    torch.testing.assert_close(features["region_embeds"], region)
+    model.save_pretrained(tmp_path)
+    assert AnatomyVLMModel.from_pretrained(tmp_path).config.embedding_pooling == "paper"
+    assert AnatomyVLMConfig().embedding_pooling == "box"  # checkpoints saved before the option keep their pooling

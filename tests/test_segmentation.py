@@ -549,3 +549,66 @@ def test_auto_model_for_semantic_segmentation_round_trip_without_the_project(tmp
     with torch.no_grad():
         expected = model(pixel_values).logits.numpy()
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-6)
+
+
+def test_dice_over_nonempty_truth_leaves_out_the_all_empty_pair():
+    from train.eval.segmentation import mask_scores, summarise_mask_scores
+
+    labels = torch.zeros(3, 2, 4, 4)
+    logits = torch.full((3, 2, 4, 4), -1.0)
+    labels[0, 0, :2] = 1                 # image 0, class 0: truth 8 px, prediction 4 of them -> Dice 2*4/12
+    logits[0, 0, 0] = 1
+    logits[2, 0, 3] = 1                  # image 2, class 0: nothing true, 4 px predicted -> Dice 0
+    labels[:, 1, 1:3, 1:3] = 1           # class 1: present in every image, found exactly -> Dice 1
+    logits[:, 1, 1:3, 1:3] = 1
+    dice, iou = mask_scores(logits, labels)
+    assert dice[1, 0] == 1 and dice[2, 0] == 0  # image 1, class 0: empty in both, scores 1
+    has_truth = (labels > 0.5).flatten(2).any(-1)
+    summary = summarise_mask_scores(dice, iou, has_truth, ["pneumothorax", "heart"])
+    assert summary["images_with_truth"] == {"pneumothorax": 1, "heart": 3}
+    assert summary["dice_nonempty_truth"]["pneumothorax"] == pytest.approx(8 / 12)  # images 1 and 2 left out
+    assert summary["dice_all_images"]["pneumothorax"] == pytest.approx((8 / 12 + 1 + 0) / 3)
+    assert summary["iou_nonempty_truth"]["pneumothorax"] == pytest.approx(4 / 8)
+    assert summary["mean_dice_nonempty_truth"] == pytest.approx((8 / 12 + 1) / 2)
+    none = summarise_mask_scores(dice[1:2], iou[1:2], has_truth[1:2], ["pneumothorax", "heart"])
+    assert none["dice_nonempty_truth"]["pneumothorax"] is None and none["dice_all_images"]["pneumothorax"] == 1
+
+
+def test_chexmask_quality_filter_keeps_dice_rca_at_least_the_threshold(phantom_set, tmp_path, caplog):
+    header, rows = _chexmask_rows(phantom_set)
+    column = {name: i for i, name in enumerate(header)}
+    rows[1][column["Dice RCA (Mean)"]] = "0.69"
+    rows[3][column["Dice RCA (Mean)"]] = "0.2"
+    rows[6][column["Dice RCA (Mean)"]] = ""  # no estimate
+    rows[8][column["Dice RCA (Mean)"]] = "0.7"  # at the threshold: kept
+    low_csv = tmp_path / "chexmask.csv"
+    _write_csv(low_csv, header, rows)
+    mimic = phantom_set / "mimic-cxr-jpg"
+    with caplog.at_level(logging.INFO, logger="anatomy_vlm.data"):
+        kept = load_chexmask(low_csv, mimic, cache_dir=tmp_path / "cache")
+    dropped = {rows[i][column["dicom_id"]] for i in (1, 3, 6)}
+    assert sorted(kept["image_id"]) == sorted(r[column["dicom_id"]] for r in rows if r[column["dicom_id"]] not in dropped)
+    assert "kept 9 of 12 images with Dice RCA (Mean) >= 0.7 (2 below, 1 without an estimate)" in caplog.text
+    assert len(load_chexmask(low_csv, mimic, min_quality=None, cache_dir=tmp_path / "cache")) == 12
+    assert len(load_chexmask(low_csv, mimic, min_quality=0.1, cache_dir=tmp_path / "cache")) == 11
+    with pytest.raises(ValueError, match="chexmask_min_quality"):
+        load_chexmask(low_csv, mimic, min_quality=1.5, cache_dir=tmp_path / "cache")
+
+
+def test_images_seen_in_chest_imagenome_training_are_counted_and_warned_about(phantom_root, caplog):
+    from train.eval.segmentation import imagenome_overlap
+
+    splits = phantom_root / "chest-imagenome" / "silver_dataset" / "splits"
+    ids = {}
+    for name in ("train", "valid", "test"):
+        with open(splits / f"{name}.csv", newline="") as handle:
+            ids[name] = [row["dicom_id"] for row in csv.DictReader(handle)]
+    evaluated = ids["train"][:3] + ids["valid"][:1] + ids["test"][:2]
+    with caplog.at_level(logging.WARNING, logger="anatomy_vlm.eval"):
+        assert imagenome_overlap(evaluated, splits) == {"images": 6, "train": 3, "valid": 1}
+    assert "3 of the 6 evaluated images are in Chest ImaGenome's train split and 1 in its valid split" in caplog.text
+    caplog.clear()
+    assert imagenome_overlap(ids["test"], splits) == {"images": len(ids["test"]), "train": 0, "valid": 0}
+    assert "Chest ImaGenome" not in caplog.text
+    with pytest.raises(FileNotFoundError, match="split table not found"):
+        imagenome_overlap(evaluated, phantom_root)

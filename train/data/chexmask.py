@@ -3,16 +3,18 @@
     dataset = load_chexmask("chexmask/MIMIC-CXR-JPG.csv", "mimic-cxr-jpg/2.0.0", split="train")
 
 CheXmask ships one CSV per source dataset with the masks as RLE over the image (`train.data.rle`, row-major,
-1-based starts). The table adds ``dice_rca_mean``, CheXmask's per-image quality estimate (its authors advise
-keeping ``>= 0.7``; filter with `Dataset.filter`).
+1-based starts). The table adds ``dice_rca_mean``, CheXmask's per-image quality estimate (Dice RCA (Mean)); its
+authors advise keeping ``>= 0.7``, which `min_quality` does by default (``data.chexmask_min_quality``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from train.data import mimic
-from train.data.common import DataProblems, cached_dataset, file_signature
+from train.data.common import DataProblems, cached_dataset, file_signature, logger
 from train.data.rle import chexmask_rle_runs
 from train.data.segmentation import CACHE_VERSION, checked_image, features
 from train.data.tables import csv_rows, require_columns
@@ -25,6 +27,7 @@ def load_chexmask(
     mimic_cxr_jpg_dir,
     split: str | None = None,
     *,
+    min_quality: float | None = 0.7,
     on_error: str = "skip",
     cache_dir=None,
     overwrite_cache: bool = False,
@@ -37,6 +40,8 @@ def load_chexmask(
         mimic_cxr_jpg_dir: holds ``files/`` and ``mimic-cxr-2.0.0-split.csv`` (or the metadata table), which
             map each ``dicom_id`` to its subject, study and split.
         split: ``train``, ``validate`` or ``test``; ``None`` keeps every row.
+        min_quality: keep images whose ``Dice RCA (Mean)`` is at least this (an image without one is dropped too;
+            the counts are logged); ``None`` keeps every image.
 
     A row is bad when its ``dicom_id`` is not in the MIMIC-CXR-JPG table, its image is missing or unreadable,
     ``Height`` / ``Width`` differ from the image, or an RLE is blank or does not fit ``Height x Width``.
@@ -86,8 +91,18 @@ def load_chexmask(
         return rows, problems
 
     extra = {"dice_rca_mean": datasets.Value("float32")}
-    return cached_dataset(name, key, build, features(list(CHEXMASK_COLUMNS), extra), cache_dir=cache_dir,
-                          overwrite=overwrite_cache)
+    table = cached_dataset(name, key, build, features(list(CHEXMASK_COLUMNS), extra), cache_dir=cache_dir,
+                           overwrite=overwrite_cache)
+    if min_quality is None:
+        return table
+    quality = np.asarray(table["dice_rca_mean"], dtype=np.float32)
+    keep = np.flatnonzero(quality >= min_quality)  # NaN (no estimate) compares False: dropped
+    logger.info("%s: kept %d of %d images with Dice RCA (Mean) >= %g (%d below, %d without an estimate)", name,
+                len(keep), len(table), min_quality, int((quality < min_quality).sum()), int(np.isnan(quality).sum()))
+    if len(keep) == 0:
+        raise ValueError(f"load_chexmask: no image of {chexmask_csv} ({name}) has Dice RCA (Mean) >= {min_quality}; "
+                         "lower data.chexmask_min_quality or set it to null")
+    return table.select(keep)
 
 
 def _checked_chexmask_rles(row: dict, height: int, width: int, where: str, problems: DataProblems) -> dict | None:

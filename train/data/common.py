@@ -34,7 +34,7 @@ from train.text.vocabulary import parse_attribute
 logger = logging.getLogger("anatomy_vlm.data")
 
 ON_ERROR = ("skip", "raise")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: a region named twice in a scene graph gets the union of its boxes
 
 
 def features(num_regions: int, num_findings: int):

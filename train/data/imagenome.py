@@ -77,18 +77,26 @@ def _parse_one(args) -> tuple[dict | None, list[tuple[str, str, str]], dict]:
 
     boxes = np.full((len(region_names), 4), np.nan, dtype=np.float32)
     index = {name: i for i, name in enumerate(region_names)}
+    united = 0
     for obj in graph["objects"]:
         i = index.get(obj.get("bbox_name"))
         if i is None:
             continue
         try:
-            boxes[i] = [float(obj[k]) for k in ("original_x1", "original_y1", "original_x2", "original_y2")]
+            box = np.array([float(obj[k]) for k in ("original_x1", "original_y1", "original_x2", "original_y2")])
         except (KeyError, TypeError, ValueError):
             problems.append(("box unreadable", str(scene_graph_path), f"object {obj.get('bbox_name')!r} has no "
                                                                        "numeric original_x1..original_y2"))
+            continue
+        if not np.isnan(boxes[i]).any():  # a region named twice: the box covering both, not the last one read
+            box = np.concatenate([np.minimum(boxes[i][:2], box[:2]), np.maximum(boxes[i][2:], box[2:])])
+            united += 1
+        boxes[i] = box
     local = DataProblems("row", "skip")
     boxes = clean_boxes(boxes, width, height, local)
     counts = dict(local.counts)
+    if united:
+        counts["duplicate region boxes united"] = united
     region_labels, global_labels = label_arrays(region_phrases, findings, region_names, extra)
     report = ""
     if report_path is not None and report_path.is_file():

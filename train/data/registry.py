@@ -61,7 +61,7 @@ def _chexmask_masks(data: DataConfig, split, labels, **options):
     from train.data.chexmask import load_chexmask
 
     return load_chexmask(_root(data, "csv"), _root(data, "mimic_cxr_jpg_dir"), split=split, on_error=data.on_error,
-                         **options)
+                         min_quality=data.chexmask_min_quality, **options)
 
 
 def _siim_masks(data: DataConfig, split, labels, **options):

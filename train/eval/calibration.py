@@ -49,7 +49,9 @@ from modeling_anatomy_vlm.calibration_anatomy_vlm import (
 from train.config import DataConfig
 from train.eval.plots import plot_reliability
 from train.eval.thresholds import same_validation, split_fingerprint, weights_fingerprint
-from train.eval.zero_shot import DATASETS, Predictions, format_number, load_checkpoint, load_split, predict
+from train.eval.zero_shot import (
+    DATASETS, Predictions, core_metrics, format_number, load_checkpoint, load_split, predict,
+)
 
 ECE_BINS = 15
 OOD_QUANTILE = 0.99
@@ -250,6 +252,8 @@ def calibrate_checkpoint(model_dir, data, *, dataset: str = "imagenome", train_s
     section, effect = evaluate_calibration(calibration, validation, unmentioned_as_negative)
     report = {
         **provenance,
+        # The metrics settings are chosen by (the test split is for the end): same predictions, no extra pass.
+        "validation_metrics": core_metrics(validation, region_names, findings, unmentioned_as_negative),
         "platt": {"global": vars(calibration.global_platt), "region": vars(calibration.region_platt)},
         "validation_ece": section["ece"],
         "ood": {"quantile": OOD_QUANTILE,

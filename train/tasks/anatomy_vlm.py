@@ -5,6 +5,8 @@ Texts are embedded once into a cache (`train.text.cache`), so the frozen text to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -67,6 +69,24 @@ class Collator:
         return batch
 
 
+def checkpoint_normalisation(vision_init) -> tuple[list[float], list[float]] | None:
+    """The (image_mean, image_std) of a vision checkpoint's ``preprocessor_config.json`` (local folder or Hub
+    cache), or None without a checkpoint or that file: pixels must be normalised as in the tower's pre-training."""
+    if not vision_init:
+        return None
+    from transformers.utils import cached_file
+
+    path = cached_file(str(vision_init), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    if path is None:
+        return None
+    import json
+
+    settings = json.loads(Path(path).read_text())
+    if "image_mean" not in settings or "image_std" not in settings:
+        return None
+    return list(np.atleast_1d(settings["image_mean"]).tolist()), list(np.atleast_1d(settings["image_std"]).tolist())
+
+
 def training_texts(dataset, config) -> set[str]:
     """Every text a training step can ask the cache for: region texts of each image + global prompts."""
     prompts = RegionPrompts.from_config(config)
@@ -90,10 +110,15 @@ class AnatomyVLMTask:
                 ensure_phantom(data)
             self.train_set = load_finding_split(data, data.train_split, names, findings)
             self.val_set = load_finding_split(data, data.val_split, names, findings)
-        from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
+        from modeling_anatomy_vlm import AnatomyVLMImageProcessor, AnatomyVLMModel, AnatomyVLMProcessor
 
         self.model = AnatomyVLMModel.from_encoders(model_config, config.model_setting("vision_init"))
         self.processor = AnatomyVLMProcessor.from_model_config(model_config)
+        statistics = checkpoint_normalisation(config.model_setting("vision_init"))
+        if statistics is not None:  # the tower learned its features on inputs normalised this way
+            self.processor.image_processor = AnatomyVLMImageProcessor(
+                size=model_config.vision_config.image_size, num_channels=model_config.vision_config.num_channels,
+                image_mean=statistics[0], image_std=statistics[1])
         self.encoder_lr_scale = float(config.model_setting("encoder_lr_scale"))
         with accelerator.main_process_first():
             texts = training_texts(self.train_set, model_config) | training_texts(self.val_set, model_config)
