@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from train.config import DEFAULT_CONFIG, REPO_ROOT, load_config
-from train.data.common import region_phrases_of
-from train.text.region_texts import collate_region_texts, region_text_masks, region_texts_for_image
+from train.text.region_texts import collate_region_texts, region_text_masks
 
 
 def tensor_bytes(value) -> int:
@@ -50,14 +49,7 @@ def dense_collate(collator, examples: list[dict]) -> dict:
              "box_mask": torch.stack([e["box_mask"] for e in examples]),
              "finding_labels": torch.tensor(np.array([e["global_labels"] for e in examples]), dtype=torch.float32),
              "region_labels": torch.tensor(np.array([e["region_labels"] for e in examples]), dtype=torch.float32)}
-    items = []
-    for e in examples:
-        key = int.from_bytes(e["image_id"].encode()[:16].ljust(16, b"\0"), "little") % (2**63)
-        rng = np.random.default_rng([collator.seed, collator.epoch, key])
-        items.append(region_texts_for_image(
-            region_phrases_of(e["region_phrases"]), rng, perturb_prob=collator.perturb_prob,
-            findings=collator.config.findings, region_names=collator.config.region_names, prompts=collator.prompts))
-    texts, positive, negative = collate_region_texts(items)
+    texts, positive, negative = collate_region_texts(collator.region_texts(examples))
     batch["phrase_text_embeds"] = collator.cache.lookup(texts)
     batch["phrase_positive_mask"] = torch.from_numpy(positive)
     batch["phrase_negative_mask"] = torch.from_numpy(negative)

@@ -38,6 +38,16 @@ class EpochOrder(torch.utils.data.Sampler):
         return self.n
 
 
+def stage_step(model, task, weights: dict, compile: bool = False):
+    """`batch -> (loss, parts)`: a stage's forward and weighted loss; with `compile`, through `torch.compile`
+    (dynamic shapes: the number of texts changes from batch to batch)."""
+    def forward_loss(batch):
+        output = model(**task.inputs(batch, weights))
+        return task.loss(output, weights)
+
+    return torch.compile(forward_loss, dynamic=True) if compile else forward_loss
+
+
 def train(config: RunConfig | dict, resume: str | None = None) -> Path:
     """Train every stage of `config` (a `RunConfig`, or its dict form); returns the output folder."""
     from accelerate import Accelerator
@@ -120,13 +130,7 @@ def train(config: RunConfig | dict, resume: str | None = None) -> Path:
     for stage_index in range(state["stage"], len(stages)):
         stage, frozen = stages[stage_index], frozen_by_stage[stage_index]
         weights = task.start_stage(stage)
-
-        def forward_loss(batch, weights=weights):
-            output = model(**task.inputs(batch, weights))
-            return task.loss(output, weights)
-
-        if run.compile:  # dynamic: the number of texts changes from batch to batch
-            forward_loss = torch.compile(forward_loss, dynamic=True)
+        forward_loss = stage_step(model, task, weights, run.compile)
         step = state["step_in_stage"] if stage_index == state["stage"] else 0
         bar = tqdm(total=stage.steps, initial=step, desc=f"stage {stage_index + 1} {stage.name}", unit="step",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)

@@ -56,17 +56,21 @@ class Collator:
             labels, region_labels = labels.clamp(min=0), region_labels.clamp(min=0)
         batch["finding_labels"], batch["region_labels"] = labels, region_labels
         if self.with_texts and self.cache is not None:
-            items = []
-            for e in kept:
-                key = int.from_bytes(e["image_id"].encode()[:16].ljust(16, b"\0"), "little") % (2**63)
-                rng = np.random.default_rng([self.seed, self.epoch, key])
-                items.append(region_texts_for_image(
-                    region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
-                    findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts))
-            supervision = region_text_supervision(items)
+            supervision = region_text_supervision(self.region_texts(kept))
             batch["phrase_text_embeds"] = self.cache.lookup(supervision.texts, as_stored=True)
             batch["phrase_supervision"] = supervision.tensors()
         return batch
+
+    def region_texts(self, examples: list[dict]) -> list:
+        """Each example's sampled region texts (`region_texts_for_image`), drawn by (seed, epoch, image id)."""
+        items = []
+        for e in examples:
+            key = int.from_bytes(e["image_id"].encode()[:16].ljust(16, b"\0"), "little") % (2**63)
+            rng = np.random.default_rng([self.seed, self.epoch, key])
+            items.append(region_texts_for_image(
+                region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
+                findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts))
+        return items
 
 
 def checkpoint_normalisation(vision_init) -> tuple[list[float], list[float]] | None:
