@@ -536,7 +536,7 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
             self._pin_checkpoint_prompts(tokenizer)
         outputs = self.prompt_memo.lookup(texts)
         missing = [text for text in dict.fromkeys(texts) if text not in outputs]
-        device = self.text_projection.weight.device
+        device = next(self.text_model.parameters()).device  # the trainer keeps the frozen tower in host memory
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             tokens = tokenizer(

@@ -207,6 +207,13 @@ def test_changed_source_is_not_served(source, tmp_path):
     os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert store.get(touched) is not None
 
+    # prepared again: only the shard of the rewritten file is redone, and the store serves its new pixels
+    Image.fromarray(np.full((300, 360), 200, dtype=np.uint8)).save(rewritten, format="JPEG", quality=95)
+    summary = prep.prepare(root, out, size=SIZE, shard_size=4, num_proc=1, progress=False)
+    assert summary["prepared_now"] == 4
+    pixels, original = PreparedImages.open(out).get(rewritten)
+    assert original == (300, 360) and abs(float(pixels.mean()) - 200) < 2
+
 
 def test_resume_with_another_plan_is_refused(source, tmp_path, capsys):
     out = tmp_path / "out"
@@ -264,3 +271,11 @@ def test_training_reads_the_prepared_shards(phantom_root, tmp_path, dataset_cach
     config["data"]["prepared_dir"] = str(out)
     train(config)  # every image from the shards: the decoder above would fail the run
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_the_segmentation_task_refuses_a_prepared_store():
+    from train.config import ConfigError, load_config
+
+    config = ROOT / "configuration" / "train" / "segmentation_phantom.yaml"
+    with pytest.raises(ConfigError, match="data.prepared_dir: the segmentation task reads the image files"):
+        load_config(config, ["data.prepared_dir=prepared"])

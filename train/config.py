@@ -178,6 +178,9 @@ class RunConfig:
         if self.training.mixed_precision not in PRECISIONS:
             raise ConfigError(f"training.mixed_precision: must be one of {', '.join(PRECISIONS)}, got "
                               f"{self.training.mixed_precision!r}")
+        if self.task == "segmentation" and self.data.prepared_dir is not None:
+            raise ConfigError("data.prepared_dir: the segmentation task reads the image files (its masks are drawn at "
+                              "the original size); leave it out")
         if self.data.on_error not in ("skip", "raise"):
             raise ConfigError(f"data.on_error: must be skip or raise, got {self.data.on_error!r}")
         if self.data.text_cache_dtype not in ("float32", "float16"):

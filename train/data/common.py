@@ -317,6 +317,8 @@ def make_transform(processor, on_error: str = "skip", prepared_dir=None) -> Call
             raise ValueError(f"data.prepared_dir: {prepared_dir} holds images of long side {prepared.size} px, smaller "
                              f"than the model's {size} px input; prepare them again with --size {size} or more")
 
+    lookups = Counter()  # per process: a store that serves few images is slow, not wrong, so it is only told
+
     def load(image: dict):
         """(grayscale [H', W'] uint8 or float, original (H, W)) of one ``image`` column value."""
         if image["bytes"] is not None:
@@ -324,6 +326,12 @@ def make_transform(processor, on_error: str = "skip", prepared_dir=None) -> Call
             return gray, gray.shape
         if prepared is not None:
             hit = prepared.get(image["path"])
+            lookups["hit" if hit is not None else "miss"] += 1
+            if lookups["miss"] == 100 and lookups["hit"] < 100:
+                logger.warning("data.prepared_dir: %d of the last %d images were not in %s or changed since it was "
+                               "prepared (e.g. %s); they are decoded from their files. Run python -m "
+                               "train.data.prepare again to refresh it", lookups["miss"], sum(lookups.values()),
+                               prepared_dir, image["path"])
             if hit is not None:
                 return hit
         gray = load_grayscale(image["path"])

@@ -333,14 +333,27 @@ def _start(out: Path, plan: dict, overwrite: bool) -> None:
             path.unlink()  # a killed run's uncommitted files
 
 
-def _shard_done(out: Path, index: int) -> bool:
-    """A committed shard: its json exists and its .u8 has the bytes the json counts (else it is done again)."""
+def _shard_done(out: Path, index: int, source_root: Path) -> bool:
+    """A committed shard whose sources are unchanged: its json exists, its .u8 has the bytes the json counts, and
+    every image it stored still has its recorded size and mtime (a source rewritten under the same name, e.g. a
+    regenerated phantom set, has its shard done again)."""
     json_path = out / shard_name(index, ".json")
     if not json_path.is_file():
         return False
     record = _read_json(json_path)
     u8_path = out / shard_name(index, ".u8")
-    return u8_path.is_file() and u8_path.stat().st_size == record.get("u8_bytes")
+    if not (u8_path.is_file() and u8_path.stat().st_size == record.get("u8_bytes")):
+        return False
+    for entry in record["images"]:
+        if "error" in entry:
+            continue
+        try:
+            st = os.stat(source_root / entry["path"])
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (entry["source_bytes"], entry["source_mtime_ns"]):
+            return False
+    return True
 
 
 def _finish(out: Path, plan: dict, num_shards: int) -> dict:
@@ -391,7 +404,7 @@ def prepare(source_dir, out, size: int = DEFAULT_SIZE, num_proc: int | None = No
 
     num_shards = -(-len(sources) // shard_size)
     jobs = [ShardJob(i, tuple(sources[i * shard_size:(i + 1) * shard_size]), str(source_root), str(out), size, draft)
-            for i in range(num_shards) if not _shard_done(out, i)]
+            for i in range(num_shards) if not _shard_done(out, i, source_root)]
     todo = sum(len(job.paths) for job in jobs)
     with tqdm(total=todo, unit="img", desc="prepare", disable=not progress or not todo, smoothing=0.1) as bar:
         if num_proc == 1 or len(jobs) <= 1:
