@@ -19,7 +19,6 @@ image are clipped, boxes left without area are dropped (NaN, masked in the loss)
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import deque
@@ -35,7 +34,7 @@ from train.data import mimic
 from train.data.common import (
     DataProblems, cached_dataset, clean_boxes, features, file_signature, label_arrays, phrase_rows,
 )
-from train.data.tables import open_table, read_rows
+from train.data.tables import read_rows
 from train.text.region_texts import scene_graph_region_phrases
 from train.text.vocabulary import parse_attribute
 
@@ -189,7 +188,7 @@ def load_imagenome(
             entries = kept
         if max_images is not None:
             entries = entries[:max_images]
-        sizes = _image_sizes(mimic_dir, {entry["dicom_id"] for entry in entries})
+        sizes = mimic.image_sizes(mimic_dir, {entry["dicom_id"] for entry in entries})
         regions, names = tuple(region_names), tuple(findings)
 
         def jobs():  # made as the workers need them: only the split table's rows stay in memory
@@ -257,24 +256,6 @@ def _ordered_map(pool, jobs, num_proc: int):
     finally:
         for future in pending:  # stopped early (an error, or the consumer gave up): drop the rest
             future.cancel()
-
-
-def _image_sizes(mimic_dir: Path, wanted: set) -> dict[str, tuple[int, int]]:
-    """`mimic.image_sizes` of the images in `wanted` only, read row by row: MIMIC-CXR-JPG's metadata table has
-    377k rows of 12 columns, several hundred MB as the list of dicts `read_rows` makes."""
-    table = mimic.metadata_table(mimic_dir)
-    if table is None:
-        return {}
-    sizes = {}
-    with open_table(table) as handle:
-        for row in csv.DictReader(handle):
-            dicom_id = row.get("dicom_id")
-            if dicom_id in wanted:
-                try:
-                    sizes[dicom_id] = (int(float(row["Rows"])), int(float(row["Columns"])))
-                except (KeyError, TypeError, ValueError):
-                    continue
-    return sizes
 
 
 def main(argv=None) -> None:

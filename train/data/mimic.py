@@ -10,9 +10,10 @@ each image's size (``Rows``, ``Columns``), the split table its official split (t
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
-from train.data.tables import csv_rows, find_table, read_rows, require_columns
+from train.data.tables import csv_rows, find_table, open_table, require_columns
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -76,15 +77,20 @@ def image_index(mimic_dir: Path) -> dict[str, dict]:
     return index
 
 
-def image_sizes(mimic_dir: Path) -> dict[str, tuple[int, int]]:
-    """dicom_id -> (height, width) from the metadata table (Rows, Columns); {} without it."""
+def image_sizes(mimic_dir: Path, wanted: set[str] | None = None) -> dict[str, tuple[int, int]]:
+    """dicom_id -> (height, width) from the metadata table (Rows, Columns), for the images in `wanted` (every image
+    when None); {} without the table. Read row by row: the real table has 377k rows, several hundred MB as dicts."""
     table = metadata_table(mimic_dir)
     if table is None:
         return {}
     sizes = {}
-    for row in read_rows(table):
-        try:
-            sizes[row["dicom_id"]] = (int(float(row["Rows"])), int(float(row["Columns"])))
-        except (KeyError, ValueError):
-            continue
+    with open_table(table) as handle:
+        for row in csv.DictReader(handle):
+            dicom_id = row.get("dicom_id")
+            if wanted is not None and dicom_id not in wanted:
+                continue
+            try:
+                sizes[dicom_id] = (int(float(row["Rows"])), int(float(row["Columns"])))
+            except (KeyError, TypeError, ValueError):
+                continue
     return sizes
