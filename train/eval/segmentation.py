@@ -25,13 +25,22 @@ from train.engine.hub import resolve_model_location
 logger = logging.getLogger("anatomy_vlm.eval")
 
 
+def inside(masks: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
+    """`[B, C, H, W]` bool masks cut to `valid_mask` (`[B, H, W]` for every class, or `[B, C, H, W]`)."""
+    if valid_mask is None:
+        return masks
+    return masks & (valid_mask[:, None] if valid_mask.dim() == 3 else valid_mask)
+
+
+def truth(labels: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The true masks (`labels > 0.5`) inside `valid_mask`: what every score here compares against."""
+    return inside(labels > 0.5, valid_mask)
+
+
 def mask_scores(logits: torch.Tensor, labels: torch.Tensor, valid_mask: torch.Tensor | None = None):
     """Per-image, per-class Dice and IoU (`[B, C]` each) of `logits > 0` against `labels`, inside `valid_mask`.
     A pair empty in both prediction and truth scores 1 (nothing to find, nothing found)."""
-    pred, true = logits > 0, labels > 0.5
-    if valid_mask is not None:
-        valid = valid_mask[:, None] if valid_mask.dim() == 3 else valid_mask
-        pred, true = pred & valid, true & valid
+    pred, true = inside(logits > 0, valid_mask), truth(labels, valid_mask)
     inter = (pred & true).flatten(2).sum(-1).double()
     p, t = pred.flatten(2).sum(-1).double(), true.flatten(2).sum(-1).double()
     union = p + t - inter
@@ -139,7 +148,7 @@ def evaluate_segmentation(model_dir, data, split: str = "test", out_dir=None, ba
         d, i = mask_scores(logits, labels, valid)
         dice.append(d)
         iou.append(i)
-        has_truth.append(((labels > 0.5) & valid[:, None]).flatten(2).any(-1))
+        has_truth.append(truth(labels, valid).flatten(2).any(-1))
         for k in range(min(len(pixels), 4 - len(samples))):
             samples.append((pixels[k, 0].numpy(), (logits[k] > 0).numpy(), (labels[k] > 0.5).numpy()))
     metrics = {"split": split, "num_images": len(dataset),
