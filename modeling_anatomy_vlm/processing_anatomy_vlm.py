@@ -25,10 +25,12 @@ class AnatomyVLMProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def from_model_config(cls, config) -> "AnatomyVLMProcessor":
-        """A processor matching a fresh model: input size from `vision_config`, tokenizer from the text encoder."""
+    def from_model_config(cls, config, **image_processor_kwargs) -> "AnatomyVLMProcessor":
+        """A processor matching a fresh model: input size from `vision_config`, tokenizer from the text encoder;
+        `image_processor_kwargs` (e.g. `image_mean`, `image_std`) go to `AnatomyVLMImageProcessor`."""
         image_processor = AnatomyVLMImageProcessor(
-            size=config.vision_config.image_size, num_channels=config.vision_config.num_channels
+            size=config.vision_config.image_size, num_channels=config.vision_config.num_channels,
+            **image_processor_kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_text_encoder_path(config.text_model_name_or_path), trust_remote_code=config.text_trust_remote_code

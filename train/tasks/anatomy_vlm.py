@@ -114,15 +114,13 @@ class AnatomyVLMTask:
                 ensure_phantom(data)
             self.train_set = load_finding_split(data, data.train_split, names, findings)
             self.val_set = load_finding_split(data, data.val_split, names, findings)
-        from modeling_anatomy_vlm import AnatomyVLMImageProcessor, AnatomyVLMModel, AnatomyVLMProcessor
+        from modeling_anatomy_vlm import AnatomyVLMModel, AnatomyVLMProcessor
 
         self.model = AnatomyVLMModel.from_encoders(model_config, config.model_setting("vision_init"))
-        self.processor = AnatomyVLMProcessor.from_model_config(model_config)
+        # A pretrained tower learned its features on inputs normalised its own way.
         statistics = checkpoint_normalisation(config.model_setting("vision_init"))
-        if statistics is not None:  # the tower learned its features on inputs normalised this way
-            self.processor.image_processor = AnatomyVLMImageProcessor(
-                size=model_config.vision_config.image_size, num_channels=model_config.vision_config.num_channels,
-                image_mean=statistics[0], image_std=statistics[1])
+        normalisation = {} if statistics is None else {"image_mean": statistics[0], "image_std": statistics[1]}
+        self.processor = AnatomyVLMProcessor.from_model_config(model_config, **normalisation)
         self.encoder_lr_scale = float(config.model_setting("encoder_lr_scale"))
         with accelerator.main_process_first():
             texts = training_texts(self.train_set, model_config) | training_texts(self.val_set, model_config)
