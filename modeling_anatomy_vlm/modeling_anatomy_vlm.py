@@ -582,23 +582,28 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         self.prompt_memo.pin(embeds)
         return path
 
-    def prompt_groups(self, findings: list[str]) -> list[list[str]]:
+    def prompt_groups(self, findings: list[str], templates: dict | None = None) -> list[list[str]]:
         """The prompts of `findings`, one group per ensembled embedding, one text per template: F global groups,
-        then Q x F positive and Q x F negated region groups (region-major, findings inner)."""
-        config = self.config
-        groups = [[t.format(finding=f) for t in config.global_prompt_templates] for f in findings]
-        for templates in (config.region_prompt_templates, config.region_negated_prompt_templates):
-            groups += [[t.format(finding=f, region=r) for t in templates] for r in config.region_names for f in findings]
+        then Q x F positive and Q x F negated region groups (region-major, findings inner).
+
+        `templates`: other wordings, ``{"global": [...], "region": [...], "region_negated": [...]}`` (each key
+        optional; the config's templates otherwise), e.g. to score prompts worded unlike any training text."""
+        config, templates = self.config, templates or {}
+        global_templates = templates.get("global", config.global_prompt_templates)
+        groups = [[t.format(finding=f) for t in global_templates] for f in findings]
+        for templates_of in (templates.get("region", config.region_prompt_templates),
+                             templates.get("region_negated", config.region_negated_prompt_templates)):
+            groups += [[t.format(finding=f, region=r) for t in templates_of] for r in config.region_names for f in findings]
         return groups
 
-    @torch.no_grad()
-    def prompt_embeds(self, findings: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    def prompt_embeds(self, findings: list[str], tokenizer, templates: dict | None = None) -> dict[str, torch.Tensor]:
         """Ensembled zero-shot prompt embeddings: `global` `[F, D]` and `pairs` `[2, Q, F, D]` (positive, negated).
 
-        Each embedding is the renormalised mean over the config's templates of the normalised prompt embeddings.
-        Prompts not in `prompt_memo` go through the text tower in one batched pass.
+        Each embedding is the renormalised mean over the templates (the config's, or `templates` as in
+        `prompt_groups`) of the normalised prompt embeddings. Prompts not in `prompt_memo` go through the text tower
+        in one batched pass.
         """
-        groups = self.prompt_groups(findings)
+        groups = self.prompt_groups(findings, templates)
         embeds = self.embed_texts([text for group in groups for text in group], tokenizer)
         sizes = [len(group) for group in groups]
         ensembled = torch.stack([F.normalize(chunk.mean(0), dim=-1) for chunk in embeds.split(sizes)])
@@ -616,7 +621,8 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         Returns `pred_boxes` `[B, Q, 4]` (normalised cx, cy, w, h), `region_scores` `[B, Q, F]` (softmax over the
         prompt pair "<finding> in the <region>" / "no <finding> in the <region>") and `global_scores` `[B, F]`
         (sigmoid of the image-vs-finding logit); the logits under them, `region_log_odds` `[B, Q, F]` and
-        `global_logits` `[B, F]` (what calibration scales), and `image_embeds` `[B, D]`.
+        `global_logits` `[B, F]` (what calibration scales), `image_embeds` `[B, D]` and `region_embeds` `[B, Q, D]`
+        (to score other prompts with `region_pair_logits` / `global_logits` without encoding the images again).
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
         pair_logits = self.region_pair_logits(features["region_embeds"], prompts["pairs"])
@@ -628,6 +634,7 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
             "region_log_odds": pair_logits[..., 0] - pair_logits[..., 1],
             "global_logits": global_logits,
             "image_embeds": features["image_embeds"],
+            "region_embeds": features["region_embeds"],
         }
 
     @torch.no_grad()

@@ -276,3 +276,27 @@ def test_validation_metrics_of_the_calibration_pass_equal_an_evaluation_of_the_v
     assert reported["num_images"] == evaluated["num_images"] == calibrated["report"]["validation"]["num_images"]
     for key in ("detection_miou", "global_auc_macro", "region_auc_macro"):
         assert reported[key] == pytest.approx(evaluated[key], abs=1e-6), key
+
+
+def test_unseen_findings_and_heldout_wording_score_the_same_images_with_other_prompts(calibrated, tmp_path):
+    """A finding left out of the model's findings and scored by name gets exactly the AUC it had as a trained
+    finding (its prompt embedding does not depend on the other findings); the held-out wording is another score."""
+    from train.eval.zero_shot import HELDOUT_WORDING, evaluate_checkpoint, load_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny splits: undefined classes
+        full = evaluate_checkpoint(calibrated["model_dir"], calibrated["data"], "test")
+        defined = [f for f, auc in full["global_auc"].items() if auc is not None]
+        withheld = defined[0]
+        model, processor = load_checkpoint(calibrated["model_dir"])
+        model.config.findings = [f for f in model.config.findings if f != withheld]
+        model.save_pretrained(tmp_path / "model")
+        processor.save_pretrained(tmp_path / "model")
+        unseen = evaluate_checkpoint(tmp_path / "model", calibrated["data"], "test", unseen_findings=[withheld])
+    assert unseen["global_auc_unseen_findings"] == {withheld: pytest.approx(full["global_auc"][withheld])}
+    assert unseen["global_auc_macro_unseen_findings"] == pytest.approx(full["global_auc"][withheld])
+    assert withheld not in unseen["global_auc"] and full["global_auc_macro_unseen_findings"] is None
+    assert unseen["global_auc"] == {f: auc for f, auc in full["global_auc"].items() if f != withheld}
+    for key in ("global_auc_macro_heldout_wording", "region_auc_macro_heldout_wording"):
+        assert 0.0 <= full[key] <= 1.0
+    assert full["heldout_wording"] == {key: list(value) for key, value in HELDOUT_WORDING.items()}

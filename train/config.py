@@ -73,6 +73,10 @@ class DataConfig:
     chexmask_min_quality: float | None = 0.7  # chexmask: Dice RCA (Mean) >= this, as its authors advise; null: all
     images_dir: str | None = None        # siim: the DICOM folder
     val_fraction: float = 0.1            # siim has no official split: this share of images validates
+    # Findings withheld from training to measure zero-shot transfer to a new finding: not among the model's findings,
+    # and every report phrase naming them (or a synonym) is left out of the training texts; their labels still
+    # count (a region with one is not "normal"). Evaluation scores them by name (`global_auc_macro_unseen_findings`).
+    unseen_findings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +149,9 @@ class RunConfig:
         from modeling_anatomy_vlm import AnatomyVLMConfig
 
         kwargs = {k: v for k, v in self.model.items() if k not in self.MODEL_TRAINING_KEYS}
+        if self.data.unseen_findings:
+            findings = kwargs.get("findings") or AnatomyVLMConfig().findings
+            kwargs["findings"] = [f for f in findings if f not in set(self.data.unseen_findings)]
         return AnatomyVLMConfig(**kwargs)
 
     def model_setting(self, key: str):
@@ -185,6 +192,10 @@ class RunConfig:
             raise ConfigError(f"data.on_error: must be skip or raise, got {self.data.on_error!r}")
         if self.data.text_cache_dtype not in ("float32", "float16"):
             raise ConfigError(f"data.text_cache_dtype: must be float32 or float16, got {self.data.text_cache_dtype!r}")
+        if len(set(self.data.unseen_findings)) != len(self.data.unseen_findings) or not all(
+                isinstance(f, str) and f.strip() for f in self.data.unseen_findings):
+            raise ConfigError(f"data.unseen_findings: must be distinct, non-empty finding names, got "
+                              f"{self.data.unseen_findings!r}")
         if not 0.0 <= self.data.perturb_prob <= 1.0:
             raise ConfigError(f"data.perturb_prob: must be in [0, 1], got {self.data.perturb_prob}")
         if self.task == "anatomy_vlm":

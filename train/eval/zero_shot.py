@@ -55,6 +55,7 @@ Outputs in ``--out`` (default ``<model>/../evaluation/<dataset>-<split>``): ``me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -83,6 +84,14 @@ IU_XRAY_FINDINGS = ("atelectasis", "enlarged cardiac silhouette", "consolidation
 CLASS_METRICS = ("auc", "ap", "bmac", "f1")
 DETECTION_METRICS = ("miou", "map", "map_50", "acc50")
 BOOTSTRAP_ALPHA = 0.05
+# Prompt wordings that no training text uses (`tests/test_zero_shot_wording.py` checks them against every text the
+# quickstart trains on): the `*_heldout_wording` metrics score the same images and labels with these instead of the
+# config's templates, so they show what the trained-prompt numbers owe to having trained on their exact wording.
+HELDOUT_WORDING = {
+    "global": ("a chest radiograph showing {finding}", "radiographic evidence of {finding}"),
+    "region": ("{finding} is seen at the {region}", "the {region} shows {finding}"),
+    "region_negated": ("the {region} shows no sign of {finding}", "{finding} is absent at the {region}"),
+}
 
 
 @dataclass
@@ -100,6 +109,22 @@ class Predictions:
     global_logits: np.ndarray  # [N, F] the logits under global_scores
     image_embeds: np.ndarray  # [N, D] what the OOD statistics compare
     image_statistics: np.ndarray  # [N, M] `calibration_anatomy_vlm.image_statistics` of the processed image
+    # wording name -> (global_scores [N, F], region_scores [N, R, F]) of the same images scored with other prompts
+    reworded: dict = dataclasses.field(default_factory=dict)
+
+    def with_wording(self, name: str) -> "Predictions":
+        """These predictions with the scores of the prompts worded `name` (`predict(..., wordings=...)`)."""
+        global_scores, region_scores = self.reworded[name]
+        return dataclasses.replace(self, global_scores=global_scores, region_scores=region_scores, reworded={})
+
+    def of_findings(self, index) -> "Predictions":
+        """These predictions restricted to the findings at `index` (the last axis of every per-finding array)."""
+        index = np.asarray(index, dtype=int)
+        per_finding = ("region_scores", "global_scores", "region_labels", "global_labels", "region_log_odds",
+                       "global_logits")
+        return dataclasses.replace(
+            self, **{key: getattr(self, key)[..., index] for key in per_finding},
+            reworded={name: (g[..., index], r[..., index]) for name, (g, r) in self.reworded.items()})
 
     def labels(self, unmentioned_as_negative: bool) -> tuple[np.ndarray, np.ndarray]:
         """(global `[N, F]`, region `[N, R, F]`) labels under the label policy: unmentioned (-1) becomes absent (0)
@@ -110,13 +135,20 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model, processor, dataset, findings=None, batch_size: int = 32, progress: bool = True) -> Predictions:
-    """Run the model over a loader data set (`train.data` schema); unreadable images are skipped with a warning."""
+def predict(model, processor, dataset, findings=None, batch_size: int = 32, progress: bool = True,
+            wordings: dict | None = None) -> Predictions:
+    """Run the model over a loader data set (`train.data` schema); unreadable images are skipped with a warning.
+
+    `wordings`: {name: templates as in `model.prompt_groups`}: each image is also scored with prompts worded that
+    way (`Predictions.reworded`, `Predictions.with_wording`), from the same forward pass."""
     from tqdm import tqdm
 
     findings = list(model.config.findings if findings is None else findings)
     model.eval()
     prompts = model.prompt_embeds(findings, processor.tokenizer)
+    other_prompts = {name: model.prompt_embeds(findings, processor.tokenizer, templates)
+                     for name, templates in (wordings or {}).items()}
+    reworded = {name: ([], []) for name in other_prompts}
     dataset = dataset.with_transform(make_transform(processor, on_error="skip"))
     out = {k: [] for k in ("image_ids", "pred_boxes", "true_boxes", "region_scores", "global_scores",
                            "region_labels", "global_labels", "region_log_odds", "global_logits", "image_embeds",
@@ -139,10 +171,15 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
         out["global_labels"].append(np.stack([np.asarray(batch["global_labels"][i]) for i in keep]))
         for key in ("region_log_odds", "global_logits", "image_embeds"):
             out[key].append(scores[key].float().cpu().numpy())
+        for name, other in other_prompts.items():
+            reworded[name][0].append(model.global_logits(scores["image_embeds"], other["global"]).sigmoid().cpu().numpy())
+            pair_logits = model.region_pair_logits(scores["region_embeds"], other["pairs"])
+            reworded[name][1].append(pair_logits.softmax(-1)[..., 0].cpu().numpy())
         out["image_statistics"].append(image_statistics(pixel_values, sizes, processor.image_processor).numpy())
     if not out["image_ids"]:
         raise ValueError("evaluate: no readable images in the split")
-    return Predictions(out["image_ids"], *(np.concatenate(out[k]) for k in list(out)[1:]))
+    return Predictions(out["image_ids"], *(np.concatenate(out[k]) for k in list(out)[1:]),
+                       reworded={name: tuple(map(np.concatenate, parts)) for name, parts in reworded.items()})
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -356,10 +393,11 @@ def per_region_summary(per_class: dict, region_names) -> dict:
     return summary
 
 
-def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negative: bool = True) -> dict:
-    """detection_miou, global_auc_macro, region_auc_macro (the quickstart contract) with their per-class values."""
-    full = compute_metrics(pred, region_names, findings, unmentioned_as_negative=unmentioned_as_negative,
-                           tasks=("global", "region", "detection"))
+def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negative: bool = True,
+                 tasks=("global", "region", "detection")) -> dict:
+    """detection_miou, global_auc_macro, region_auc_macro (the quickstart contract) with their per-class values
+    (None / empty for a task left out of `tasks`)."""
+    full = compute_metrics(pred, region_names, findings, unmentioned_as_negative=unmentioned_as_negative, tasks=tasks)
     return {
         "num_images": full["num_images"],
         "detection_miou": full["detection_miou"],
@@ -367,8 +405,8 @@ def core_metrics(pred: Predictions, region_names, findings, unmentioned_as_negat
         "region_auc_macro": full["region_auc_macro"],
         "per_region_iou": ({r: v["iou"] for r, v in full["detection"]["per_region"].items()}
                            if full["detection"] else {}),
-        "global_auc": {f: v["auc"] for f, v in full["global"]["per_class"].items()},
-        "region_auc": {k: v["auc"] for k, v in full["region"]["per_class"].items()},
+        "global_auc": {f: v["auc"] for f, v in full["global"]["per_class"].items()} if full["global"] else {},
+        "region_auc": {k: v["auc"] for k, v in full["region"]["per_class"].items()} if full["region"] else {},
         "undefined_global": full["undefined_global"],
     }
 
@@ -392,14 +430,36 @@ def load_split(dataset: str, data, split: str, region_names, findings, max_image
 
 
 def evaluate_checkpoint(model_dir, data, split: str = "test", batch_size: int = 32,
-                        unmentioned_as_negative: bool = True) -> dict:
-    """The quickstart contract (`core_metrics`) of a checkpoint on a Chest ImaGenome-layout split.
+                        unmentioned_as_negative: bool = True, unseen_findings=()) -> dict:
+    """The quickstart contract (`core_metrics`) of a checkpoint on a Chest ImaGenome-layout split, and the zero-shot
+    figures beside it:
+
+    * ``global_auc_macro_heldout_wording`` / ``region_auc_macro_heldout_wording``: the same classes scored with
+      prompts worded unlike any training text (`HELDOUT_WORDING`);
+    * ``global_auc_macro_unseen_findings`` (``global_auc_unseen_findings`` per finding): findings withheld from
+      training (`data.unseen_findings`), scored by name with the config's wording; null without any.
 
     `data`: a `DataConfig`, or the root folder of a Chest ImaGenome-layout set."""
     model, processor = load_checkpoint(model_dir)
-    dataset = load_split("imagenome", data, split, model.config.region_names, model.config.findings)
-    pred = predict(model, processor, dataset, batch_size=batch_size)
-    return core_metrics(pred, model.config.region_names, model.config.findings, unmentioned_as_negative)
+    region_names, trained = list(model.config.region_names), list(model.config.findings)
+    unseen = [f for f in unseen_findings if f not in trained]
+    dataset = load_split("imagenome", data, split, region_names, trained + unseen)
+    pred = predict(model, processor, dataset, trained + unseen, batch_size=batch_size,
+                   wordings={"heldout": HELDOUT_WORDING})
+    seen_pred = pred.of_findings(range(len(trained)))
+    metrics = core_metrics(seen_pred, region_names, trained, unmentioned_as_negative)
+    heldout = core_metrics(seen_pred.with_wording("heldout"), region_names, trained, unmentioned_as_negative,
+                           tasks=("global", "region"))
+    metrics["global_auc_macro_heldout_wording"] = heldout["global_auc_macro"]
+    metrics["region_auc_macro_heldout_wording"] = heldout["region_auc_macro"]
+    metrics["heldout_wording"] = {key: list(value) for key, value in HELDOUT_WORDING.items()}
+    metrics["global_auc_macro_unseen_findings"], metrics["global_auc_unseen_findings"] = None, {}
+    if unseen:
+        unseen_pred = pred.of_findings(range(len(trained), len(trained) + len(unseen)))
+        scores = core_metrics(unseen_pred, region_names, unseen, unmentioned_as_negative, tasks=("global",))
+        metrics["global_auc_macro_unseen_findings"] = scores["global_auc_macro"]
+        metrics["global_auc_unseen_findings"] = scores["global_auc"]
+    return metrics
 
 
 def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | None = None, out_dir=None,

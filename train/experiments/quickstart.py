@@ -9,7 +9,9 @@
    out-of-distribution statistics of the training images; `model/calibration.safetensors`, which `interpret` applies
    (a reused model keeps a calibration that still matches it),
 4. evaluates it on the held-out phantom test split (`train.eval.zero_shot`) and writes
-   `outputs/quickstart/eval.json`, then prints a summary table and one interpreted image.
+   `outputs/quickstart/eval.json`, then prints a summary table and one interpreted image. Beside the trained-prompt
+   metrics: the same classes with prompts worded unlike any training text, and the findings the config withholds
+   from training (`data.unseen_findings`) scored by name (`evaluate_checkpoint`).
 
 Settings are chosen on the validation split: `eval.json` and the table carry its metrics (from the calibration
 pass, no extra inference) beside the test split's, which is evaluated once, at the end.
@@ -30,7 +32,7 @@ from train.config import DEFAULT_CONFIG, load_config, resolve_path
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint
 from train.eval.calibration import calibrate_checkpoint, format_report
-from train.eval.zero_shot import evaluate_checkpoint, load_checkpoint
+from train.eval.zero_shot import evaluate_checkpoint, format_number, load_checkpoint
 
 # The acceptance targets of the quickstart (issue: training); printed next to the measured values.
 TARGETS = {"detection_miou": 0.70, "global_auc_macro": 0.85, "region_auc_macro": 0.80}
@@ -66,7 +68,8 @@ def main(argv=None) -> dict:
                                        unmentioned_as_negative=config.data.unmentioned_as_negative)
     print(f"\n{format_report(calibration)}")
     metrics = evaluate_checkpoint(model_dir, config.data, "test",
-                                  unmentioned_as_negative=config.data.unmentioned_as_negative)
+                                  unmentioned_as_negative=config.data.unmentioned_as_negative,
+                                  unseen_findings=config.data.unseen_findings)
     metrics["train_seconds"] = round(trained - start, 1)
     metrics["calibration"] = {key: calibration[key] for key in ("validation_ece", "platt", "ood")}
     metrics["validation"] = calibration["validation_metrics"]
@@ -83,6 +86,13 @@ def main(argv=None) -> dict:
         seen = "n/a" if validation[name] is None else f"{validation[name]:.3f}"
         print(f"{name:<20} {seen:>10} {shown:>8} {'>= ' + format(target, '.2f'):>8}  "
               f"{'ok' if value and value >= target else 'BELOW'}")
+    print("zero-shot beside the trained prompts (test):")
+    print(f"  prompts worded unlike any training text: global AUC "
+          f"{format_number(metrics['global_auc_macro_heldout_wording'])}, anatomy-wise AUC "
+          f"{format_number(metrics['region_auc_macro_heldout_wording'])}")
+    if config.data.unseen_findings:
+        print(f"  findings withheld from training ({', '.join(config.data.unseen_findings)}), scored by name: global AUC "
+              f"{format_number(metrics['global_auc_macro_unseen_findings'])}")
     if metrics["undefined_global"]:
         print(f"(no positives in the test split, left out of global_auc_macro: {', '.join(metrics['undefined_global'])})")
     print(f"time: training {metrics['train_seconds']:.0f} s, total {metrics['total_seconds']:.0f} s")

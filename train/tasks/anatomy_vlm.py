@@ -31,8 +31,9 @@ class Collator:
     """
 
     def __init__(self, config, cache: TextEmbeddingCache | None, seed: int, perturb_prob: float,
-                 unmentioned_as_negative: bool, on_error: str):
+                 unmentioned_as_negative: bool, on_error: str, unseen_findings=()):
         self.config, self.cache, self.seed = config, cache, seed
+        self.unseen_findings = frozenset(unseen_findings)
         self.perturb_prob, self.unmentioned_as_negative, self.on_error = perturb_prob, unmentioned_as_negative, on_error
         self.prompts = RegionPrompts.from_config(config)
         self.epoch = 0
@@ -69,7 +70,8 @@ class Collator:
             rng = np.random.default_rng([self.seed, self.epoch, key])
             items.append(region_texts_for_image(
                 region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
-                findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts))
+                findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts,
+                unseen_findings=self.unseen_findings))
         return items
 
 
@@ -91,7 +93,7 @@ def checkpoint_normalisation(vision_init) -> tuple[list[float], list[float]] | N
     return list(np.atleast_1d(settings["image_mean"]).tolist()), list(np.atleast_1d(settings["image_std"]).tolist())
 
 
-def training_texts(dataset, config) -> set[str]:
+def training_texts(dataset, config, unseen_findings=()) -> set[str]:
     """Every text a training step can ask the cache for: region texts of each image + global prompts."""
     prompts = RegionPrompts.from_config(config)
     texts = {t.format(finding=f) for t in config.global_prompt_templates for f in config.findings}
@@ -99,7 +101,7 @@ def training_texts(dataset, config) -> set[str]:
     for value in dataset.select_columns(["region_phrases"])["region_phrases"]:
         for region, entries in region_phrases_of(value).items():
             phrases.setdefault(region, []).extend(entries)
-    texts |= possible_region_texts(phrases, config.findings, config.region_names, prompts)
+    texts |= possible_region_texts(phrases, config.findings, config.region_names, prompts, frozenset(unseen_findings))
     return texts
 
 
@@ -123,7 +125,8 @@ class AnatomyVLMTask:
         self.processor = AnatomyVLMProcessor.from_model_config(model_config, **normalisation)
         self.encoder_lr_scale = float(config.model_setting("encoder_lr_scale"))
         with accelerator.main_process_first():
-            texts = training_texts(self.train_set, model_config) | training_texts(self.val_set, model_config)
+            texts = set().union(*(training_texts(split, model_config, data.unseen_findings)
+                                  for split in (self.train_set, self.val_set)))
             cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache", self.model, self.processor.tokenizer,
                                                      texts, dtype=data.text_cache_dtype)
         self.finding_embeds = torch.stack([
@@ -138,7 +141,7 @@ class AnatomyVLMTask:
             dataset.set_transform(make_transform(self.processor, data.on_error,
                                                  data.prepared_dir and resolve_path(data.prepared_dir)))
         args = (model_config, cache, config.training.seed, data.perturb_prob, data.unmentioned_as_negative,
-                data.on_error)
+                data.on_error, data.unseen_findings)
         self.train_collator, self.val_collator = Collator(*args), Collator(*args)
 
     def lora_config(self, lora):

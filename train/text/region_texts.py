@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from train.text.parser import SEVERITY_WORDS, Mention, parse_report
+from train.text.parser import COMPOUND_SYNONYMS, FINDING_SYNONYMS, SEVERITY_WORDS, Mention, parse_report
 from train.text.perturb import PERTURBERS, perturb_phrase
 from train.text.vocabulary import IMAGENOME_VOCABULARY, plausible_findings
 from train.text.vocabulary import region as vocabulary_region
@@ -218,6 +218,22 @@ def _contradiction_table(claims: Sequence[Facts], labels: Sequence[RegionLabels]
     return stated @ ruled_out.T > 0
 
 
+@lru_cache(maxsize=None)
+def _naming_pattern(findings: frozenset[str]) -> re.Pattern:
+    """Matches lower-cased text that names one of `findings`: the label itself or a synonym the parser knows."""
+    patterns = [re.escape(label) for label in findings]
+    patterns += [p for label in findings for p in FINDING_SYNONYMS.get(label, ())]
+    patterns += [p for labels, synonyms in COMPOUND_SYNONYMS.items() if set(labels) & findings for p in synonyms]
+    return re.compile(r"(?<![\w-])(?:" + "|".join(patterns) + r")(?![\w])")
+
+
+def names_unseen_finding(text: str, triples: Iterable[tuple[str, bool, str]], unseen: frozenset[str]) -> bool:
+    """Whether a report phrase must stay out of the training texts because it is about an unseen finding: one of
+    its labels is unseen, or its words name one (`data.unseen_findings`)."""
+    return bool(unseen) and (any(label in unseen for _, _, label in triples)
+                             or _naming_pattern(unseen).search(text.lower()) is not None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Contrastive label generation
 # ---------------------------------------------------------------------------------------------------
@@ -294,6 +310,7 @@ def region_texts_for_image(
     findings: Sequence[str],
     region_names: Sequence[str],
     prompts: RegionPrompts | None = None,
+    unseen_findings: frozenset[str] = frozenset(),
 ) -> ImageRegionTexts:
     """Positive and explicit negative texts of every region of one image (PAPER.md, label generation).
 
@@ -311,6 +328,7 @@ def region_texts_for_image(
       found"; a perturbation what the parser reads in it.
     - labels: the labels present there, the grades its phrases state, the region's side (`RegionLabels`).
     Texts are whitespace-normalised; a text is never both a positive and a negative of the same region.
+    A phrase about one of `unseen_findings` (`names_unseen_finding`) gives no text, but its labels still count.
     Deterministic given the state of `rng` (a `numpy.random.Generator`).
     """
     prompts = prompts or default_region_prompts()
@@ -321,7 +339,7 @@ def region_texts_for_image(
         for phrase, triples in region_phrases.get(region, []):
             if normalize_text(phrase):
                 triples_of.setdefault(normalize_text(phrase), []).extend(triples)
-        phrases = list(triples_of)
+        phrases = [p for p in triples_of if not names_unseen_finding(p, triples_of[p], unseen_findings)]
         labels = {(label, present) for triples in triples_of.values() for category, present, label in triples
                   if category in FINDING_CATEGORIES}
         present = sorted({label for label, is_present in labels if is_present})
@@ -378,6 +396,7 @@ def possible_region_texts(
     findings: Sequence[str],
     region_names: Sequence[str],
     prompts: RegionPrompts | None = None,
+    unseen_findings: frozenset[str] = frozenset(),
 ) -> set[str]:
     """Every text `region_texts_for_image` can produce for an image with these phrases, whatever the rng.
 
@@ -388,7 +407,9 @@ def possible_region_texts(
     prompts = prompts or default_region_prompts()
     texts = set()
     for entries in region_phrases.values():
-        for phrase, _ in entries:
+        for phrase, triples in entries:
+            if names_unseen_finding(phrase, triples, unseen_findings):
+                continue
             texts.add(phrase)
             texts.update(candidate for perturb in PERTURBERS.values() if (candidate := perturb(phrase)))
     for region in region_names:
