@@ -279,6 +279,9 @@ class AnatomyVLMConfig(PreTrainedConfig):
                 fail(f"{name} must be a non-empty list of strings each containing {' and '.join(fields)}, got {value!r}")
         if self.region_prompt_templates == self.region_negated_prompt_templates:
             fail("region_prompt_templates and region_negated_prompt_templates must differ")
+        if len(self.region_prompt_templates) != len(self.region_negated_prompt_templates):
+            fail("region_prompt_templates and region_negated_prompt_templates must have as many wordings each "
+                 "(a prompt pair is ensembled over them together)")
 
     def to_dict(self):
         output = super().to_dict()

@@ -394,6 +394,12 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         """`[T, D]` L2-normalised text embeddings."""
         return self.project_text(self.get_text_tower_embeds(input_ids, attention_mask))
 
+    @staticmethod
+    def ensemble_prompts(embeds: torch.Tensor) -> torch.Tensor:
+        """`[..., K, D]` normalised embeddings of one prompt in K wordings -> `[..., D]`: their renormalised mean.
+        The one prompt-ensembling rule: training (`forward`) and zero-shot scoring (`prompt_embeds`) both use it."""
+        return F.normalize(embeds.mean(-2), dim=-1)
+
     def _text_embeds(self, input_ids, attention_mask, tower_embeds, name):
         if tower_embeds is None and input_ids is None:
             return None
@@ -401,6 +407,8 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
             tower_embeds = self.get_text_tower_embeds(input_ids, attention_mask)
         elif input_ids is not None:
             raise ValueError(f"give either {name}_input_ids or {name}_text_embeds, not both")
+        if tower_embeds.dim() == 3:  # [F, K, text_hidden]: K template wordings of each finding
+            return self.ensemble_prompts(self.project_text(tower_embeds))
         return self.project_text(tower_embeds)
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -434,13 +442,15 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
                 gives `loss_anatomy`.
             finding_labels (`[B, F]`, *optional*): 1 present / 0 absent / -1 unknown for F finding texts given as
                 `finding_input_ids` + `finding_attention_mask` (`[F, L]`) or as cached frozen-tower outputs
-                `finding_text_embeds` (`[F, text_hidden]`); gives `loss_global`.
+                `finding_text_embeds` (`[F, text_hidden]`, or `[F, K, text_hidden]` for K template wordings,
+                ensembled by `ensemble_prompts`); gives `loss_global`.
             phrase_positive_mask (`[B, Q, T]` bool, *optional*): region-phrase positives for T phrase texts given
                 as `phrase_input_ids` + `phrase_attention_mask` or `phrase_text_embeds`; `phrase_negative_mask`
                 (same shape; default: all non-positives) and `phrase_ids` (`[T]`, equal ids = identical texts)
                 refine the negatives; gives `loss_fine`.
-            region_prompt_text_embeds (`[2, Q, F, text_hidden]`, *optional*): cached frozen-tower outputs of the
-                prompt pairs "<finding> in the <region>" / "no <finding> in the <region>"; with `region_labels`
+            region_prompt_text_embeds (`[2, Q, F, text_hidden]` or `[2, Q, F, K, text_hidden]`, *optional*): cached
+                frozen-tower outputs of the prompt pairs "<finding> in the <region>" / "no <finding> in the <region>"
+                (in K template wordings, ensembled by `ensemble_prompts`); with `region_labels`
                 (`[B, Q, F]`, 1 / 0 / -1 unknown) gives `loss_region`: a sigmoid loss on the pair's log-odds, the
                 very score `interpret` reports per region.
             loss_weights (`dict[str, float]`, *optional*): weight of each term in `loss`, by name ("anatomy",
@@ -486,7 +496,10 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
                 )
 
         if region_prompt_text_embeds is not None and region_labels is not None:
-            pair_logits = self.region_pair_logits(features["region_embeds"], self.project_text(region_prompt_text_embeds))
+            pair_embeds = self.project_text(region_prompt_text_embeds)
+            if pair_embeds.dim() == 5:
+                pair_embeds = self.ensemble_prompts(pair_embeds)
+            pair_logits = self.region_pair_logits(features["region_embeds"], pair_embeds)
             log_odds = pair_logits[..., 0] - pair_logits[..., 1]  # softmax over the pair = sigmoid of this
             losses["region"] = global_finding_loss(log_odds.flatten(1), region_labels.flatten(1))
 
@@ -606,7 +619,7 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         groups = self.prompt_groups(findings, templates)
         embeds = self.embed_texts([text for group in groups for text in group], tokenizer)
         sizes = [len(group) for group in groups]
-        ensembled = torch.stack([F.normalize(chunk.mean(0), dim=-1) for chunk in embeds.split(sizes)])
+        ensembled = torch.stack([self.ensemble_prompts(chunk) for chunk in embeds.split(sizes)])
         num_findings, num_regions = len(findings), len(self.config.region_names)
         return {
             "global": ensembled[:num_findings],

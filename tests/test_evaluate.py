@@ -269,7 +269,7 @@ def test_push_to_hub_dry_run_lists_the_checkpoint_without_network(evaluated, tmp
 # --- ablation ------------------------------------------------------------------------------------------------
 
 
-def test_ablation_runs_four_variants_with_one_budget(phantom_root, tmp_path, dataset_cache):
+def test_ablation_varies_only_the_last_stage_from_one_shared_checkpoint(phantom_root, tmp_path, dataset_cache):
     from train.experiments import ablation
 
     cfg = {
@@ -280,16 +280,24 @@ def test_ablation_runs_four_variants_with_one_budget(phantom_root, tmp_path, dat
         "stages": [
             {"name": "detection", "steps": 1, "lr": 1e-3, "loss_weights": {"anatomy": 1.0}},
             {"name": "global", "steps": 1, "lr": 5e-4, "loss_weights": {"anatomy": 1.0, "global": 0.5}},
-            {"name": "fine", "steps": 2, "lr": 5e-4, "loss_weights": {"anatomy": 1.0, "global": 1.0, "fine": 1.0}},
+            {"name": "fine", "steps": 2, "lr": 5e-4,
+             "loss_weights": {"anatomy": 0.2, "global": 1.0, "fine": 1.0, "region": 2.0}},
         ],
     }
-    weights = {name: [s["loss_weights"] for s in ablation.variant_config(cfg, losses, "x")["stages"]]
-               for name, (_, losses) in ablation.VARIANTS.items()}
-    assert weights["global"] == [{"global": 1.0}, {"global": 0.5}, {"global": 1.0}]
-    assert weights["detection"] == [{"anatomy": 1.0}] * 3
-    assert weights["global+detection"] == [{"anatomy": 1.0}, {"anatomy": 1.0, "global": 0.5},
-                                           {"anatomy": 1.0, "global": 1.0}]
-    assert weights["all"] == [s["loss_weights"] for s in cfg["stages"]]
+    derived = {name: ablation.variant_config(cfg, name, "x") for name in ablation.VARIANTS}
+    last = {name: (d["stages"][-1]["loss_weights"], d["stages"][-1]["shuffle_images"]) for name, d in derived.items()}
+    assert last == {
+        "none": ({"anatomy": 0.2, "global": 1.0}, False),
+        "fine": ({"anatomy": 0.2, "global": 1.0, "fine": 1.0}, False),
+        "region": ({"anatomy": 0.2, "global": 1.0, "region": 2.0}, False),
+        "both": ({"anatomy": 0.2, "global": 1.0, "fine": 1.0, "region": 2.0}, False),
+        "image-blind": ({"anatomy": 0.2, "global": 1.0, "fine": 1.0, "region": 2.0}, True),
+    }
+    assert all(d["stages"][:-1] == cfg["stages"][:-1] for d in derived.values())
+    assert ablation.prefix_config(cfg, "p")["training"]["stop_after_steps"] == 2
+    no_region = {**cfg, "stages": cfg["stages"][:2] + [{**cfg["stages"][2], "loss_weights": {"anatomy": 1.0, "fine": 1.0}}]}
+    with pytest.raises(ValueError, match=r"variant 'region': the config's last stage has no weight for \['region'\]"):
+        ablation.variant_config(no_region, "region", "x")
     warm = {**cfg, "stages": cfg["stages"][:2] + [{**cfg["stages"][2], "warmup_steps": 3}]}
     scaled = ablation.scale_steps(warm, 0.5)["stages"]
     assert [(s["steps"], s.get("warmup_steps")) for s in scaled] == [(1, None), (1, None), (1, 1)]
@@ -304,11 +312,23 @@ def test_ablation_runs_four_variants_with_one_budget(phantom_root, tmp_path, dat
         warnings.simplefilter("ignore")
         ablation.main(["--config", str(config_path), "--steps-fraction", "1", "--out", str(out), "--bootstrap", "0",
                        "--no-plots"])
-    table = (out / "ablation.md").read_text().splitlines()
-    rows = table[table.index("|---|---|---|---|---|---|---|") + 1:]
-    assert [row.split(" | ")[0] for row in rows] == [f"| {label}" for label, _ in ablation.VARIANTS.values()]
     summary = json.loads((out / "ablation.json").read_text())
-    assert [v["total_steps"] for v in summary["variants"]] == [4] * 4
+    assert (out / "ablation.md").read_text() == ablation.markdown_table(summary)  # the table comes from the JSON
+    rows = (out / "ablation.md").read_text().splitlines()
+    rows = rows[rows.index("|---|---|---|---|---|---|---|") + 1:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {label}" for label, *_ in ablation.VARIANTS.values()]
+    assert "images shuffled" in rows[-1] and not any("shuffled" in row for row in rows[:-1])
+    # every variant resumed from the one shared checkpoint at the end of stage 2
+    assert ablation.latest_checkpoint(out / "prefix").name == "step_2"
+    from safetensors.torch import load_file
+
+    weights = {}
     for variant in summary["variants"]:
+        assert (out / variant["variant"] / "checkpoints" / "step_2").is_dir()
         assert Path(variant["metrics"]).is_file()
-        assert {"global_auc", "detection_map", "region_auc", "laterality_accuracy"} <= set(variant)
+        assert {"global_auc", "region_auc", "region_auc_heldout_wording", "laterality_accuracy"} <= set(variant)
+        weights[variant["variant"]] = load_file(out / variant["variant"] / "model" / "model.safetensors")
+    # shuffled images change what the same losses learn
+    name = "anatomy_queries"
+    key = next(k for k in weights["both"] if name in k)
+    assert not torch.equal(weights["both"][key], weights["image-blind"][key])

@@ -20,6 +20,7 @@ def test_regions_are_the_29_chest_imagenome_names_in_order():
         ({"bbox_giou_weight": -1.0}, "bbox_giou_weight"),
         ({"region_names": ["a", "a"]}, "region_names must be unique"),
         ({"region_prompt_templates": ["{finding} somewhere"]}, "region_prompt_templates"),
+        ({"region_prompt_templates": ["{finding} in the {region}", "{region}: {finding}"]}, "as many wordings"),
         ({"vision_config": {"model_type": "bert"}}, "vision_config.model_type"),
         ({"vision_config": {"model_type": "vit", "image_size": 100, "patch_size": 16}}, "multiple of patch_size"),
         ({"patch_embedding": "mlp"}, "patch_embedding must be one of"),
@@ -339,3 +340,33 @@ def test_paper_pooling_is_cls_and_anatomy_token_plus_mean_patch(tmp_path):
     model.save_pretrained(tmp_path)
     assert AnatomyVLMModel.from_pretrained(tmp_path).config.embedding_pooling == "paper"
     assert AnatomyVLMConfig().embedding_pooling == "box"  # checkpoints saved before the option keep their pooling
+
+
+def test_training_and_zero_shot_scoring_ensemble_prompt_wordings_alike(tiny_model_and_processor):
+    """With several template wordings, the logits and region loss of a training step (cached tower outputs, one per
+    wording) are those of `prompt_embeds`, which zero-shot scoring uses: one ensembling rule."""
+    _, processor = tiny_model_and_processor
+    torch.manual_seed(0)
+    model = AnatomyVLMModel(tiny_config(
+        global_prompt_templates=["{finding}", "findings of {finding}", "there is {finding}"],
+        region_prompt_templates=["{finding} in the {region}", "{region} with {finding}"],
+        region_negated_prompt_templates=["no {finding} in the {region}", "{region} without {finding}"])).eval()
+    findings = ["pleural effusion", "pneumothorax"]
+    groups = model.prompt_groups(findings)
+    outputs = model.text_tower_outputs([t for group in groups for t in group], processor.tokenizer)
+    tower = [torch.stack([outputs[t] for t in group]) for group in groups]
+    finding_tower = torch.stack(tower[:2])  # [F, 3, H]
+    pair_tower = torch.stack(tower[2:]).reshape(2, 29, 2, 2, -1)  # [2, Q, F, K, H]
+    pixels = torch.randn(3, 3, 64, 64)
+    labels = torch.full((3, 29, 2), -1.0)
+    labels[0, 6, 0], labels[1, 6, 0], labels[2, 0, 1] = 1.0, 0.0, 1.0
+    with torch.no_grad():
+        output = model(pixel_values=pixels, finding_text_embeds=finding_tower, finding_labels=torch.ones(3, 2),
+                       region_prompt_text_embeds=pair_tower, region_labels=labels)
+        scores = model.zero_shot_scores(pixels, model.prompt_embeds(findings, processor.tokenizer))
+        single = model(pixel_values=pixels, finding_text_embeds=finding_tower[:, 0], finding_labels=torch.ones(3, 2))
+    torch.testing.assert_close(output.global_logits, scores["global_logits"], atol=1e-5, rtol=1e-5)
+    known = labels >= 0
+    expected = torch.nn.functional.binary_cross_entropy(scores["region_scores"][known], labels[known])
+    torch.testing.assert_close(output.loss_region, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(single.global_logits, scores["global_logits"], atol=1e-3)  # the wordings matter

@@ -65,6 +65,9 @@ class DataConfig:
     index_workers: int = 1               # processes that index scene graphs into Arrow
     on_error: str = "skip"               # skip (count + log) or raise on unreadable images and bad index rows
     perturb_prob: float = 0.2            # label generation rule 2: a positive phrase becomes a hard negative
+    # L_fine: each (region, text) a positive in as many images of a batch as a negative, in expectation, so wording
+    # and region alone cannot tell them apart (`train.text.region_texts.balance_candidates`); false: every candidate.
+    balance_fine_texts: bool = True
     unmentioned_as_negative: bool = True  # a finding the report never mentions counts as absent
     text_cache_dtype: str = "float32"    # float16 halves the text cache on disk (MIMIC: millions of phrases)
     prepared_dir: str | None = None      # image shards of `python -m train.data.prepare`; images it lacks are decoded
@@ -119,6 +122,9 @@ class StageConfig:
     warmup_steps: int = 0
     loss_weights: dict[str, float] = field(default_factory=dict)  # of LOSSES; a missing term has weight 0
     frozen: list[str] = field(default_factory=list)               # parameter-name prefixes kept fixed this stage
+    # Each image swapped for another of its batch (boxes, labels and texts stay): the losses see pixels unrelated to
+    # their targets. The ablation's image-blind floor: what the objectives reach from text and priors alone.
+    shuffle_images: bool = False
 
     def weights(self) -> dict[str, float]:
         return {name: float(self.loss_weights.get(name, 0.0)) for name in LOSSES}
@@ -178,6 +184,8 @@ class RunConfig:
                                   f"the losses are {', '.join(LOSSES)}")
             if stage.steps <= 0:
                 raise ConfigError(f"{where}.steps: must be positive, got {stage.steps}")
+            if stage.shuffle_images and self.task != "anatomy_vlm":
+                raise ConfigError(f"{where}.shuffle_images: only the anatomy_vlm task has it")
             if stage.warmup_steps < 0 or stage.lr <= 0:
                 raise ConfigError(f"{where}: lr must be positive and warmup_steps >= 0")
         if self.training.batch_size <= 0 or self.training.gradient_accumulation_steps <= 0:

@@ -47,6 +47,9 @@ it was fitted on (recorded in the file) and on the evaluated split, and how many
 out-of-distribution warning. Scores, thresholds and every other metric stay those of the raw scores (the scaling
 is monotone: AUC and AP are the same).
 
+Held-out wording: every class is also scored with prompts worded unlike any training text (`HELDOUT_WORDING`),
+from the same forward pass: ``heldout_wording`` in the JSON (macro AUC, intervals), a line in the table.
+
 Outputs in ``--out`` (default ``<model>/../evaluation/<dataset>-<split>``): ``metrics.json``, ``roc_global.png``,
 ``region_auc_heatmap.png`` (regions x findings), ``boxes.png`` (predicted dashed vs true solid, 4 images;
 `train.eval.plots`), with a calibration ``reliability.png`` (before / after, per head); a readable table on stdout.
@@ -490,13 +493,20 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
         lambda dataset: predict(model, processor, dataset, findings, batch_size, progress),
         unmentioned_as_negative, recompute_thresholds)
 
-    pred = predict(model, processor, test_set, findings, batch_size, progress)
+    pred = predict(model, processor, test_set, findings, batch_size, progress, wordings={"heldout": HELDOUT_WORDING})
     tasks = ("global",) if dataset == "iu_xray" else ("global", "region", "detection", "laterality")
     metrics = {
         "model": str(model_dir.resolve()), "dataset": dataset, "data": str(Path(data).resolve()), "split": split,
         "findings": findings, "unmentioned_as_negative": unmentioned_as_negative, "thresholds": threshold_info,
         "bootstrap": {"n_resamples": n_bootstrap, "alpha": BOOTSTRAP_ALPHA, "seed": seed},
         **compute_metrics(pred, region_names, findings, thresholds, unmentioned_as_negative, n_bootstrap, seed, tasks),
+    }
+    reworded = compute_metrics(pred.with_wording("heldout"), region_names, findings, thresholds,
+                               unmentioned_as_negative, n_bootstrap, seed, tuple(t for t in tasks if t in ("global", "region")))
+    metrics["heldout_wording"] = {
+        "templates": {key: list(value) for key, value in HELDOUT_WORDING.items()},
+        **{f"{task}_auc_macro": (reworded[task] or {}).get("macro", {}).get("auc") for task in ("global", "region")},
+        **{f"{task}_auc_ci95": ((reworded[task] or {}).get("ci95") or {}).get("auc") for task in ("global", "region")},
     }
     metrics["calibration"], calibration_effect = None, None
     if model.calibration is not None:
@@ -576,6 +586,12 @@ def format_table(metrics: dict) -> str:
         section = metrics["laterality"]
         lines.append(f"laterality accuracy: {_with_ci(section['accuracy'], section['ci95'])} "
                      f"({section['num_trials']} trials)")
+    reworded = metrics.get("heldout_wording")
+    if reworded:
+        lines.append(f"prompts worded unlike any training text (HELDOUT_WORDING): global AUC "
+                     f"{_with_ci(reworded['global_auc_macro'], reworded['global_auc_ci95'])}"
+                     + ("" if metrics["region"] is None else
+                        f", anatomy-wise AUC {_with_ci(reworded['region_auc_macro'], reworded['region_auc_ci95'])}"))
     if metrics["calibration"] is not None:
         section = metrics["calibration"]
         fitted_on = section["fitted_on"] or {}

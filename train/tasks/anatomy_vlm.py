@@ -31,8 +31,8 @@ class Collator:
     """
 
     def __init__(self, config, cache: TextEmbeddingCache | None, seed: int, perturb_prob: float,
-                 unmentioned_as_negative: bool, on_error: str, unseen_findings=()):
-        self.config, self.cache, self.seed = config, cache, seed
+                 unmentioned_as_negative: bool, on_error: str, unseen_findings=(), balance: bool = True):
+        self.config, self.cache, self.seed, self.balance = config, cache, seed, balance
         self.unseen_findings = frozenset(unseen_findings)
         self.perturb_prob, self.unmentioned_as_negative, self.on_error = perturb_prob, unmentioned_as_negative, on_error
         self.prompts = RegionPrompts.from_config(config)
@@ -57,17 +57,25 @@ class Collator:
             labels, region_labels = labels.clamp(min=0), region_labels.clamp(min=0)
         batch["finding_labels"], batch["region_labels"] = labels, region_labels
         if self.with_texts and self.cache is not None:
-            supervision = region_text_supervision(self.region_texts(kept))
+            supervision = region_text_supervision(self.region_texts(kept), self.balance_seed(kept) if self.balance else None)
             batch["phrase_text_embeds"] = self.cache.lookup(supervision.texts, as_stored=True)
             batch["phrase_supervision"] = supervision.tensors()
         return batch
+
+    @staticmethod
+    def _key(image_id: str) -> int:
+        return int.from_bytes(image_id.encode()[:16].ljust(16, b"\0"), "little") % (2**63)
+
+    def balance_seed(self, examples: list[dict]) -> int:
+        """The seed of the batch's `balance_candidates`, drawn by (seed, epoch, image ids) like its texts."""
+        keys = [self._key(e["image_id"]) for e in examples]
+        return int(np.random.default_rng([self.seed, self.epoch, *keys]).integers(2**62))
 
     def region_texts(self, examples: list[dict]) -> list:
         """Each example's sampled region texts (`region_texts_for_image`), drawn by (seed, epoch, image id)."""
         items = []
         for e in examples:
-            key = int.from_bytes(e["image_id"].encode()[:16].ljust(16, b"\0"), "little") % (2**63)
-            rng = np.random.default_rng([self.seed, self.epoch, key])
+            rng = np.random.default_rng([self.seed, self.epoch, self._key(e["image_id"])])
             items.append(region_texts_for_image(
                 region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
                 findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts,
@@ -97,6 +105,9 @@ def training_texts(dataset, config, unseen_findings=()) -> set[str]:
     """Every text a training step can ask the cache for: region texts of each image + global prompts."""
     prompts = RegionPrompts.from_config(config)
     texts = {t.format(finding=f) for t in config.global_prompt_templates for f in config.findings}
+    texts |= {t.format(finding=f, region=r) for t in (*config.region_prompt_templates,
+                                                      *config.region_negated_prompt_templates)
+              for r in config.region_names for f in config.findings}
     phrases: dict[str, list] = {}
     for value in dataset.select_columns(["region_phrases"])["region_phrases"]:
         for region, entries in region_phrases_of(value).items():
@@ -124,24 +135,23 @@ class AnatomyVLMTask:
         normalisation = {} if statistics is None else {"image_mean": statistics[0], "image_std": statistics[1]}
         self.processor = AnatomyVLMProcessor.from_model_config(model_config, **normalisation)
         self.encoder_lr_scale = float(config.model_setting("encoder_lr_scale"))
+        self.shuffle_images = False
         with accelerator.main_process_first():
             texts = set().union(*(training_texts(split, model_config, data.unseen_findings)
                                   for split in (self.train_set, self.val_set)))
             cache = TextEmbeddingCache.load_or_build(output_dir / "text_cache", self.model, self.processor.tokenizer,
                                                      texts, dtype=data.text_cache_dtype)
-        self.finding_embeds = torch.stack([
-            cache.lookup([t.format(finding=f) for t in model_config.global_prompt_templates]).mean(0)
-            for f in findings])
-        # [2, Q, F, text_hidden]: the zero-shot prompt pair of every (region, finding), first template of each.
-        self.region_prompt_embeds = torch.stack([
-            cache.lookup([templates[0].format(finding=f, region=r) for r in names for f in findings])
-            .reshape(len(names), len(findings), -1)
-            for templates in (model_config.region_prompt_templates, model_config.region_negated_prompt_templates)])
+        # Every template wording of every prompt, ensembled inside the model as `prompt_embeds` does at evaluation:
+        # [F, K, text_hidden] and [2, Q, F, K, text_hidden] (positive, negated pair of every region and finding).
+        groups = self.model.prompt_groups(findings)
+        self.finding_embeds = torch.stack([cache.lookup(group) for group in groups[:len(findings)]])
+        self.region_prompt_embeds = torch.stack([cache.lookup(group) for group in groups[len(findings):]]).reshape(
+            2, len(names), len(findings), len(groups[-1]), -1)
         for dataset in (self.train_set, self.val_set):
             dataset.set_transform(make_transform(self.processor, data.on_error,
                                                  data.prepared_dir and resolve_path(data.prepared_dir)))
         args = (model_config, cache, config.training.seed, data.perturb_prob, data.unmentioned_as_negative,
-                data.on_error, data.unseen_findings)
+                data.on_error, data.unseen_findings, data.balance_fine_texts)
         self.train_collator, self.val_collator = Collator(*args), Collator(*args)
 
     def lora_config(self, lora):
@@ -167,12 +177,15 @@ class AnatomyVLMTask:
     def start_stage(self, stage) -> dict:
         weights = stage.weights()
         self.train_collator.with_texts = weights["fine"] > 0
+        self.shuffle_images = stage.shuffle_images
         return weights
 
     def inputs(self, batch: dict, weights: dict) -> dict:
         """The model inputs a stage needs (texts only when their loss has weight), finished on the batch's device:
         pixels normalised and repeated to the tower's channels, phrase masks built from their compact form."""
         pixel_values = self.processor.image_processor.normalize_pixels(batch["pixels"])
+        if self.shuffle_images:  # batches come in random order: each image gets an unrelated one's pixels
+            pixel_values = pixel_values.roll(1, dims=0)
         inputs = {"pixel_values": pixel_values, "boxes": batch["boxes"], "box_mask": batch["box_mask"]}
         device = pixel_values.device
         if self.finding_embeds.device != device:  # the cached prompt embeddings move once, not every step
