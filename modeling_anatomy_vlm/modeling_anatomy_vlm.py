@@ -396,8 +396,11 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
 
     @staticmethod
     def ensemble_prompts(embeds: torch.Tensor) -> torch.Tensor:
-        """`[..., K, D]` normalised embeddings of one prompt in K wordings -> `[..., D]`: their renormalised mean.
-        The one prompt-ensembling rule: training (`forward`) and zero-shot scoring (`prompt_embeds`) both use it."""
+        """`[..., K, D]` normalised embeddings of one prompt in K wordings -> `[..., D]`: their renormalised mean (one
+        wording: itself). The one prompt-ensembling rule: training (`forward`) and zero-shot scoring (`prompt_embeds`)
+        both use it."""
+        if embeds.shape[-2] == 1:
+            return embeds[..., 0, :]
         return F.normalize(embeds.mean(-2), dim=-1)
 
     def _text_embeds(self, input_ids, attention_mask, tower_embeds, name):

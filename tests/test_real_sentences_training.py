@@ -122,8 +122,8 @@ def test_three_stages_train_on_real_report_sentences(real_sentence_set, tmp_path
             fine_losses.append(float(parts["fine"].detach()))
         return loss, parts
 
-    def recording_supervision(items, balance_seed=None):
-        supervision = real_supervision(items, balance_seed)
+    def recording_supervision(items):
+        supervision = real_supervision(items)
         positive, negative = region_text_masks(**supervision.tensors())
         collated.append((supervision.texts, positive.numpy(), negative.numpy()))
         return supervision

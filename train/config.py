@@ -65,9 +65,6 @@ class DataConfig:
     index_workers: int = 1               # processes that index scene graphs into Arrow
     on_error: str = "skip"               # skip (count + log) or raise on unreadable images and bad index rows
     perturb_prob: float = 0.2            # label generation rule 2: a positive phrase becomes a hard negative
-    # L_fine: each (region, text) a positive in as many images of a batch as a negative, in expectation, so wording
-    # and region alone cannot tell them apart (`train.text.region_texts.balance_candidates`); false: every candidate.
-    balance_fine_texts: bool = True
     unmentioned_as_negative: bool = True  # a finding the report never mentions counts as absent
     text_cache_dtype: str = "float32"    # float16 halves the text cache on disk (MIMIC: millions of phrases)
     prepared_dir: str | None = None      # image shards of `python -m train.data.prepare`; images it lacks are decoded

@@ -47,6 +47,9 @@ it was fitted on (recorded in the file) and on the evaluated split, and how many
 out-of-distribution warning. Scores, thresholds and every other metric stay those of the raw scores (the scaling
 is monotone: AUC and AP are the same).
 
+Validation: when the thresholds are fitted, the threshold split's macro AUCs and mIoU (``validation`` in the JSON,
+a line in the table; null when a saved ``thresholds.json`` is reused), so settings can be chosen there.
+
 Held-out wording: every class is also scored with prompts worded unlike any training text (`HELDOUT_WORDING`),
 from the same forward pass: ``heldout_wording`` in the JSON (macro AUC, intervals), a line in the table.
 
@@ -488,10 +491,14 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
             warnings.warn(f"evaluating on the threshold split {split!r}: BMAC and F1 are optimistic", stacklevel=2)
         validation = (load_split("imagenome", threshold_data, threshold_split, region_names, findings),
                       {"dataset": "imagenome", "data": str(Path(threshold_data).resolve()), "split": threshold_split})
-    thresholds, threshold_info = decision_thresholds(
-        model_dir, region_names, findings, validation,
-        lambda dataset: predict(model, processor, dataset, findings, batch_size, progress),
-        unmentioned_as_negative, recompute_thresholds)
+    validation_pred = []  # filled when the thresholds are fitted (not when a saved file is reused)
+
+    def predict_validation(dataset):
+        validation_pred.append(predict(model, processor, dataset, findings, batch_size, progress))
+        return validation_pred[-1]
+
+    thresholds, threshold_info = decision_thresholds(model_dir, region_names, findings, validation, predict_validation,
+                                                     unmentioned_as_negative, recompute_thresholds)
 
     pred = predict(model, processor, test_set, findings, batch_size, progress, wordings={"heldout": HELDOUT_WORDING})
     tasks = ("global",) if dataset == "iu_xray" else ("global", "region", "detection", "laterality")
@@ -501,6 +508,10 @@ def run_evaluation(model_dir, data, *, dataset: str = "imagenome", split: str | 
         "bootstrap": {"n_resamples": n_bootstrap, "alpha": BOOTSTRAP_ALPHA, "seed": seed},
         **compute_metrics(pred, region_names, findings, thresholds, unmentioned_as_negative, n_bootstrap, seed, tasks),
     }
+    # Where choices are made: the threshold split's contract metrics, from the pass that fitted the thresholds.
+    metrics["validation"] = (core_metrics(validation_pred[-1], region_names, findings, unmentioned_as_negative,
+                                          tuple(t for t in tasks if t in ("global", "region", "detection")))
+                             if validation_pred else None)
     reworded = compute_metrics(pred.with_wording("heldout"), region_names, findings, thresholds,
                                unmentioned_as_negative, n_bootstrap, seed, tuple(t for t in tasks if t in ("global", "region")))
     metrics["heldout_wording"] = {
@@ -586,6 +597,11 @@ def format_table(metrics: dict) -> str:
         section = metrics["laterality"]
         lines.append(f"laterality accuracy: {_with_ci(section['accuracy'], section['ci95'])} "
                      f"({section['num_trials']} trials)")
+    validation = metrics.get("validation")
+    if validation:
+        lines.append(f"threshold split ({validation['num_images']} images, where settings are chosen): global AUC "
+                     f"{format_number(validation['global_auc_macro'])}, anatomy-wise AUC "
+                     f"{format_number(validation['region_auc_macro'])}, mIoU {format_number(validation['detection_miou'])}")
     reworded = metrics.get("heldout_wording")
     if reworded:
         lines.append(f"prompts worded unlike any training text (HELDOUT_WORDING): global AUC "

@@ -31,8 +31,8 @@ class Collator:
     """
 
     def __init__(self, config, cache: TextEmbeddingCache | None, seed: int, perturb_prob: float,
-                 unmentioned_as_negative: bool, on_error: str, unseen_findings=(), balance: bool = True):
-        self.config, self.cache, self.seed, self.balance = config, cache, seed, balance
+                 unmentioned_as_negative: bool, on_error: str, unseen_findings=()):
+        self.config, self.cache, self.seed = config, cache, seed
         self.unseen_findings = frozenset(unseen_findings)
         self.perturb_prob, self.unmentioned_as_negative, self.on_error = perturb_prob, unmentioned_as_negative, on_error
         self.prompts = RegionPrompts.from_config(config)
@@ -57,25 +57,17 @@ class Collator:
             labels, region_labels = labels.clamp(min=0), region_labels.clamp(min=0)
         batch["finding_labels"], batch["region_labels"] = labels, region_labels
         if self.with_texts and self.cache is not None:
-            supervision = region_text_supervision(self.region_texts(kept), self.balance_seed(kept) if self.balance else None)
+            supervision = region_text_supervision(self.region_texts(kept))
             batch["phrase_text_embeds"] = self.cache.lookup(supervision.texts, as_stored=True)
             batch["phrase_supervision"] = supervision.tensors()
         return batch
-
-    @staticmethod
-    def _key(image_id: str) -> int:
-        return int.from_bytes(image_id.encode()[:16].ljust(16, b"\0"), "little") % (2**63)
-
-    def balance_seed(self, examples: list[dict]) -> int:
-        """The seed of the batch's `balance_candidates`, drawn by (seed, epoch, image ids) like its texts."""
-        keys = [self._key(e["image_id"]) for e in examples]
-        return int(np.random.default_rng([self.seed, self.epoch, *keys]).integers(2**62))
 
     def region_texts(self, examples: list[dict]) -> list:
         """Each example's sampled region texts (`region_texts_for_image`), drawn by (seed, epoch, image id)."""
         items = []
         for e in examples:
-            rng = np.random.default_rng([self.seed, self.epoch, self._key(e["image_id"])])
+            key = int.from_bytes(e["image_id"].encode()[:16].ljust(16, b"\0"), "little") % (2**63)
+            rng = np.random.default_rng([self.seed, self.epoch, key])
             items.append(region_texts_for_image(
                 region_phrases_of(e["region_phrases"]), rng, perturb_prob=self.perturb_prob,
                 findings=self.config.findings, region_names=self.config.region_names, prompts=self.prompts,
@@ -102,7 +94,8 @@ def checkpoint_normalisation(vision_init) -> tuple[list[float], list[float]] | N
 
 
 def training_texts(dataset, config, unseen_findings=()) -> set[str]:
-    """Every text a training step can ask the cache for: region texts of each image + global prompts."""
+    """Every text a training step can ask the cache for: region texts of each image + every wording of the global
+    and region prompts."""
     prompts = RegionPrompts.from_config(config)
     texts = {t.format(finding=f) for t in config.global_prompt_templates for f in config.findings}
     texts |= {t.format(finding=f, region=r) for t in (*config.region_prompt_templates,
@@ -151,7 +144,7 @@ class AnatomyVLMTask:
             dataset.set_transform(make_transform(self.processor, data.on_error,
                                                  data.prepared_dir and resolve_path(data.prepared_dir)))
         args = (model_config, cache, config.training.seed, data.perturb_prob, data.unmentioned_as_negative,
-                data.on_error, data.unseen_findings, data.balance_fine_texts)
+                data.on_error, data.unseen_findings)
         self.train_collator, self.val_collator = Collator(*args), Collator(*args)
 
     def lora_config(self, lora):

@@ -1,11 +1,12 @@
 """Contrastive label generation for the region-phrase objective (PAPER.md, "Contrastive label generation").
 
-For every image and every region: the positive texts (report phrases, the true prompts, summary and grades),
-explicit negatives (meaning-changing perturbations of a phrase, the false prompts, summary and grades), what each of those texts states (`Facts`) and what the image's labels say about the region
+For every image and every region: the positive texts (report phrases or the region's normal description),
+explicit negatives (meaning-changing perturbations of a positive, attribute-based prompts, template hard
+negatives), what each of those texts states (`Facts`) and what the image's labels say about the region
 (`RegionLabels`); and `collate_region_texts`, which deduplicates texts across a batch and builds the positive /
-negative masks. The candidates of a region are the batch's texts about that region, and a candidate is a negative
-of a region of an image only where it contradicts that region's labels in that image, so a sentence shared by
-equally normal regions (Chest ImaGenome attaches "The lungs are clear." to many) is never a false negative.
+negative masks. Rule 4 is enforced there: a text of the batch is a negative of a region of an image only where
+it contradicts that region's labels in that image, so a sentence shared by equally normal regions (Chest
+ImaGenome attaches "The lungs are clear." to many) is never a false negative.
 """
 
 from __future__ import annotations
@@ -237,11 +238,12 @@ def names_unseen_finding(text: str, triples: Iterable[tuple[str, bool, str]], un
 # Contrastive label generation
 # ---------------------------------------------------------------------------------------------------
 
-# The summary pair of every region: the first is true where nothing is present, the second where something is.
+# The positive of a region the report calls normal or does not mention.
 NORMAL_REGION_TEMPLATE = "the {region} is normal"
-ABNORMAL_REGION_TEMPLATE = "the {region} is abnormal"
-# A graded finding ({severity} one of SEVERITIES): true where the region's phrases give the finding that grade.
-GRADED_TEMPLATE = "{severity} {finding} in the {region}"
+# Template hard negatives for regions without findings: the first states that the region is abnormal, the second
+# a graded finding there ({severity} is one of HARD_NEGATIVE_SEVERITIES).
+HARD_NEGATIVE_TEMPLATES = ("the {region} is abnormal", "{severity} {finding} in the {region}")
+HARD_NEGATIVE_SEVERITIES = SEVERITIES
 
 # region -> [(phrase, [(category, present, label), ...]), ...], as in a scene graph's `attributes`.
 RegionPhrases = dict[str, list[tuple[str, list[tuple[str, bool, str]]]]]
@@ -312,23 +314,18 @@ def region_texts_for_image(
 ) -> ImageRegionTexts:
     """Positive and explicit negative texts of every region of one image (PAPER.md, label generation).
 
-    For each region, with `labels` its (category, present, label) triples of `FINDING_CATEGORIES`, every template
-    family gives the text that is true there as a positive and one that is false as a negative, so each wording is
-    a positive in some images and a negative in others:
-    - report phrases: every phrase of the region is a positive; with probability `perturb_prob`, a meaning-changing
-      perturbation of one sampled phrase (`perturb_phrase`) is a negative;
-    - prompts: for each of its labels in `findings`, the zero-shot prompt that is true ("{finding} in the {region}"
-      when present, "no {finding} in the {region}" when absent) is a positive and the other one a negative; when
-      nothing is present, `num_attribute_negatives` prompts "{finding} in the {region}" of findings plausible there
-      (`train.text.vocabulary.Region.findings`) are negatives;
-    - summaries: "the {region} is normal" where nothing is present, "the {region} is abnormal" where something is;
-      the other one is a negative;
-    - grades: "{severity} {finding} in the {region}" (`GRADED_TEMPLATE`) for each grade its phrases state, with
-      another grade of the same finding as a negative; when nothing is present, `num_template_negatives` graded
-      prompts of plausible findings are negatives.
+    For each region, with `labels` its (category, present, label) triples of `FINDING_CATEGORIES`:
+    - positives: every report phrase of the region; for each of its labels in `findings`, the zero-shot
+      prompt that is true ("{finding} in the {region}" when present, "no {finding} in the {region}" when
+      absent); and, when nothing is present there, its normal description ("the {region} is normal").
+    - negatives: the opposite prompt of each such label; the normal description when something is present
+      (so that text depends on the image, not only on the region); with probability `perturb_prob`, a
+      meaning-changing perturbation of one sampled report phrase (`perturb_phrase`); and, when nothing is
+      present, `num_attribute_negatives` prompts "{finding} in the {region}" of findings plausible there
+      (`train.text.vocabulary.Region.findings`) and `num_template_negatives` template hard negatives (`HARD_NEGATIVE_TEMPLATES`).
     - facts: what each text states (`Facts`): a phrase its attributes there, graded and sided by its words; a
-      prompt its finding (and grade) and the region's side; a summary "nothing found" or "something found"; a
-      perturbation what the parser reads in it.
+      prompt or template its finding (and grade) and the region's side; the normal description "nothing
+      found"; a perturbation what the parser reads in it.
     - labels: the labels present there, the grades its phrases state, the region's side (`RegionLabels`).
     Texts are whitespace-normalised; a text is never both a positive and a negative of the same region.
     A phrase about one of `unseen_findings` (`names_unseen_finding`) gives no text, but its labels still count.
@@ -361,38 +358,34 @@ def region_texts_for_image(
             if perturbed is not None:
                 text = normalize_text(perturbed.text)
                 negatives.append((text, _perturbation_facts(text)))
-        # Every family has both kinds of text, each true in some images and false in others, so a candidate
-        # cannot be rejected from its wording alone (`region_text_supervision`).
-        summaries = [(template.format(region=region), _summary_facts(region, normal=normal))
-                     for template, normal in ((NORMAL_REGION_TEMPLATE, True), (ABNORMAL_REGION_TEMPLATE, False))]
-        positives.append(summaries[1 if present else 0])
-        negatives.append(summaries[0 if present else 1])
-        grades = frozenset().union(*map(_grades, phrases))
-        for label, grade in sorted(g for g in grades if g[0] in vocabulary and g[0] in present):
-            positives.append((GRADED_TEMPLATE.format(region=region, finding=label, severity=grade),
-                              _prompt_facts(label, True, region, grade)))
-            other = [g for g in SEVERITIES if (label, g) not in grades]
-            if other:
-                wrong = other[rng.integers(len(other))]
-                negatives.append((GRADED_TEMPLATE.format(region=region, finding=label, severity=wrong),
-                                  _prompt_facts(label, True, region, wrong)))
-        if not present:
+        normal = (NORMAL_REGION_TEMPLATE.format(region=region), _summary_facts(region, normal=True))
+        if present:  # "the <region> is normal" is false here: without this negative it would be always true
+            negatives.append(normal)
+        else:
+            positives.append(normal)
             candidates = [f for f in plausible_findings(region) if f in vocabulary and f not in absent]
             count = min(num_attribute_negatives, len(candidates))
             for index in rng.choice(len(candidates), size=count, replace=False) if count else ():
                 label = candidates[index]
                 negatives.append((prompts.render(label, region), _prompt_facts(label, True, region)))
             plausible = [f for f in plausible_findings(region) if f in vocabulary]
-            for _ in range(num_template_negatives if plausible else 0):
-                label = plausible[rng.integers(len(plausible))]
-                severity = SEVERITIES[rng.integers(len(SEVERITIES))]
-                negatives.append((GRADED_TEMPLATE.format(region=region, finding=label, severity=severity),
-                                  _prompt_facts(label, True, region, severity)))
+            for _ in range(num_template_negatives):
+                template = HARD_NEGATIVE_TEMPLATES[rng.integers(len(HARD_NEGATIVE_TEMPLATES))]
+                if "{finding}" in template and not plausible:
+                    template = HARD_NEGATIVE_TEMPLATES[0]
+                finding = plausible[rng.integers(len(plausible))] if plausible else ""
+                severity = HARD_NEGATIVE_SEVERITIES[rng.integers(len(HARD_NEGATIVE_SEVERITIES))]
+                negatives.append((
+                    template.format(region=region, finding=finding, severity=severity),
+                    _prompt_facts(finding, True, region, severity) if "{finding}" in template
+                    else _summary_facts(region, normal=False),
+                ))
         positive_facts = _unique_facts(positives)
         negative_facts = {t: f for t, f in _unique_facts(negatives).items() if t not in positive_facts}
         all_positives.append(tuple(positive_facts))
         all_negatives.append(tuple(negative_facts))
         all_facts.append({**positive_facts, **negative_facts})
+        grades = frozenset().union(*map(_grades, phrases))
         all_labels.append(RegionLabels(frozenset(present), grades, _region_side(region)))
     return ImageRegionTexts(tuple(all_positives), tuple(all_negatives), tuple(region_names), tuple(all_facts),
                             tuple(all_labels))
@@ -408,8 +401,8 @@ def possible_region_texts(
     """Every text `region_texts_for_image` can produce for an image with these phrases, whatever the rng.
 
     The text-embedding cache embeds this set (over a data set) once, so training never runs the text tower:
-    the report phrases and their meaning-changing rewrites, both prompts and every graded prompt of every finding in
-    every region, and both summaries.
+    the report phrases and their meaning-changing rewrites, both prompts of every finding in every region,
+    the normal descriptions and the template hard negatives.
     """
     prompts = prompts or default_region_prompts()
     texts = set()
@@ -420,11 +413,14 @@ def possible_region_texts(
             texts.add(phrase)
             texts.update(candidate for perturb in PERTURBERS.values() if (candidate := perturb(phrase)))
     for region in region_names:
-        texts.update((NORMAL_REGION_TEMPLATE.format(region=region), ABNORMAL_REGION_TEMPLATE.format(region=region)))
+        texts.add(NORMAL_REGION_TEMPLATE.format(region=region))
         for finding in findings:
             texts.update((prompts.render(finding, region), prompts.render(finding, region, negated=True)))
-            texts.update(GRADED_TEMPLATE.format(region=region, finding=finding, severity=severity)
-                         for severity in SEVERITIES)
+        plausible = [f for f in plausible_findings(region) if f in set(findings)] or [""]
+        for template in HARD_NEGATIVE_TEMPLATES:
+            for finding in plausible:
+                for severity in HARD_NEGATIVE_SEVERITIES:
+                    texts.add(template.format(region=region, finding=finding, severity=severity))
     return {normalize_text(t) for t in texts}
 
 
@@ -433,82 +429,61 @@ class RegionTextSupervision:
     """A batch's fine-grained supervision in compact form: what crosses from the data loader to the device.
 
     The dense masks are [B, R, T] bools (at batch 256 with about 5,000 texts, 37 MB each); these arrays are a few
-    hundred kB, and `region_text_masks` builds the masks from them on the device. A negative is a function of (what
-    a text claims at a region, the labels of that region): `claims[c, l]` says whether claim c contradicts label set l.
+    hundred kB, and `region_text_masks` builds the masks from them on the device. The negatives are a function of
+    (what a text claims, the labels of the region): `claims[c, l]` says whether claim c contradicts label set l.
     """
 
     texts: list[str]          # T unique texts
     positive: np.ndarray      # [N, 3] int64 (image, region, text): the positives
     label_id: np.ndarray      # [B, R] int64: the label set of each region of each image (a row of `claims`' columns)
     claims: np.ndarray        # [C, L] bool: claim c contradicts label set l
+    text_claim: np.ndarray    # [T] int64: what text t claims, read as if it described any region
     region_claim: np.ndarray  # [P, 3] int64 (region, text, claim): what a text claims at a region it was recorded at
-    balance_seed: int | None = None  # set: `region_text_masks` balances the candidates (`balance_candidates`)
 
     def tensors(self) -> dict:
         """The arrays as tensors: the keyword arguments of `region_text_masks` (texts stay with the caller)."""
         import torch
 
         return {"positive": torch.from_numpy(self.positive), "label_id": torch.from_numpy(self.label_id),
-                "claims": torch.from_numpy(self.claims), "region_claim": torch.from_numpy(self.region_claim),
-                "num_texts": len(self.texts), "balance_seed": self.balance_seed}
+                "claims": torch.from_numpy(self.claims), "text_claim": torch.from_numpy(self.text_claim),
+                "region_claim": torch.from_numpy(self.region_claim)}
 
 
-def balance_candidates(positive, negative, seed: int):
-    """Masks `[B, R, T]` thinned so that each (region, text) is, in expectation, a positive in as many images of the
-    batch as it is a negative in: where it is a positive p times and a negative n times, each positive is kept with
-    probability min(1, n / p) and each negative with min(1, p / n). A text then cannot be told positive from
-    negative by its wording and region alone: what is true of most regions ("the spine is normal") and what is
-    never true there (a laterality-swapped rewrite) stop paying off without pixels. Deterministic given `seed`."""
-    import torch
-
-    count_positive = positive.sum(0, keepdim=True, dtype=torch.float32)  # [1, R, T]
-    count_negative = negative.sum(0, keepdim=True, dtype=torch.float32)
-    keep_positive = (count_negative / count_positive.clamp(min=1)).clamp(max=1)
-    keep_negative = (count_positive / count_negative.clamp(min=1)).clamp(max=1)
-    generator = torch.Generator(device=positive.device).manual_seed(seed)
-    draw = torch.rand(positive.shape, generator=generator, device=positive.device)
-    return positive & (draw < keep_positive), negative & (draw < keep_negative)
-
-
-def region_text_masks(positive, label_id, claims, region_claim, num_texts: int, balance_seed: int | None = None):
+def region_text_masks(positive, label_id, claims, text_claim, region_claim):
     """The positive and negative masks `[B, R, T]` (bool tensors, on the inputs' device) of a
-    `RegionTextSupervision`'s `tensors()`: the rules of `region_text_supervision`, applied with gathers, then
-    `balance_candidates` where the supervision has a `balance_seed`."""
+    `RegionTextSupervision`'s `tensors()`: rules 1-4 of `region_text_supervision`, applied with gathers."""
     import torch
 
-    negative = torch.zeros((*label_id.shape, num_texts), dtype=torch.bool, device=label_id.device)  # [B, R, T]
+    negative = claims[text_claim][:, label_id].permute(1, 2, 0).contiguous()  # [B, R, T]: as if t described r
     if len(region_claim):
         region, text, claim = region_claim.unbind(1)
         negative[:, region, text] = claims[claim[None, :], label_id[:, region]]  # [B, P]
     positive_mask = torch.zeros_like(negative)
     positive_mask[positive[:, 0], positive[:, 1], positive[:, 2]] = True
-    negative &= ~positive_mask
-    if balance_seed is not None:
-        return balance_candidates(positive_mask, negative, balance_seed)
-    return positive_mask, negative
+    return positive_mask, negative & ~positive_mask
 
 
-def region_text_supervision(items: Sequence[ImageRegionTexts], balance_seed: int | None = None) -> RegionTextSupervision:
+def region_text_supervision(items: Sequence[ImageRegionTexts]) -> RegionTextSupervision:
     """Deduplicate a batch's texts and decide the positives and negatives of the fine-grained InfoNCE.
 
-    The candidates of region r of image b are the texts some image of the batch records at region r (its phrases,
-    prompts, templates and perturbations there): the same region and the same template families as the positives.
-    A text about another region is neither positive nor negative there, so no candidate can be rejected for naming
-    the wrong region, a shortcut that needs no pixels (`tests/test_region_texts.py` measures the pixel-blind
-    optimum). Among the candidates, text t is a negative of region r of image b when, with F what t states at r
-    (merged over the images that record it there) and L = `items[b].labels[r]`:
+    A text t contradicts region r of image b when, with F what t states about r and L = `items[b].labels[r]`:
       1. F claims a finding present that L does not have, or absent that L has present;
       2. F grades a finding that L grades, with a grade L never gives it ("large effusion" vs "small effusion");
       3. F says "normal" and L has something present, or "abnormal" and L has nothing present; or
-      4. F names one side and r is a lateral region of the other side (laterality-swapped perturbations).
-    A candidate that says nothing L decides is neither positive nor negative; a sentence shared by equally normal
-    regions ("The lungs are clear." of every normal lung zone) is never a false negative.
+      4. F names one side and r is a lateral region of the other side.
+    F is the merged facts of t recorded at region r by any image of the batch (a phrase attached to r, a prompt
+    about r, a perturbation of r's phrase); for a text recorded only at other regions, its facts merged over
+    those regions (read as if it described r). Being about another region is not by itself a contradiction:
+    Chest ImaGenome's regions overlap (a lung holds its zones, the mediastinum the cardiac silhouette) and a
+    sentence about one is often true of another ("The lungs are clear." of every normal lung zone). Sides do
+    not overlap, so a text that names only the left side contradicts every right-side region (rule 4), and
+    laterality-swapped perturbations stay hard negatives. A text that says nothing about r (no claim L decides)
+    is neither positive nor negative there.
 
     Returns the `RegionTextSupervision` of the batch: its unique texts (T, in first-seen order; identity after
     whitespace normalisation) and the decisions in compact form. `region_text_masks` expands them into
     positive [B, R, T] (text t describes region r of image b) and negative [B, R, T] (text t contradicts region r
-    of image b: explicit negatives and other images' texts of that region alike; never where positive is True),
-    thinned by `balance_candidates` when `balance_seed` is given (training does).
+    of image b: explicit negatives and every other text of the batch alike; never where positive is True).
     """
     if not items:
         raise ValueError("region_text_supervision: empty batch")
@@ -531,12 +506,19 @@ def region_text_supervision(items: Sequence[ImageRegionTexts], balance_seed: int
                     if is_positive:
                         where_positive.append((b, r, t))
             label_id[b, r] = label_index.setdefault(item.labels[r], len(label_index))
+    anywhere: dict[int, Facts] = {}  # text -> its facts merged over every region it is recorded at
+    for (t, _), facts in recorded.items():
+        anywhere[t] = anywhere[t].merge(facts) if t in anywhere else facts
     claim_index: dict[Facts, int] = {}
-    pairs = [(r, t, claim_index.setdefault(facts, len(claim_index))) for (t, r), facts in recorded.items()]
+    anywhere_id = np.array([claim_index.setdefault(anywhere[t], len(claim_index)) for t in range(len(index))])  # [T]
+    pairs = [(t, r, claim_index.setdefault(facts, len(claim_index))) for (t, r), facts in recorded.items()]
+    table = _contradiction_table(list(claim_index), list(label_index))  # [C, L]
+    pair_t, pair_r, pair_claim = np.array(pairs).T  # texts recorded at r say what they state there...
+    differs = pair_claim != anywhere_id[pair_t]  # ...which only needs recording where it is not what they state anywhere
     return RegionTextSupervision(
         texts=list(index), positive=np.array(where_positive, dtype=np.int64).reshape(-1, 3), label_id=label_id,
-        claims=_contradiction_table(list(claim_index), list(label_index)),  # [C, L]
-        region_claim=np.array(pairs, dtype=np.int64).reshape(-1, 3), balance_seed=balance_seed)
+        claims=table, text_claim=anywhere_id.astype(np.int64),
+        region_claim=np.stack([pair_r[differs], pair_t[differs], pair_claim[differs]], axis=1).astype(np.int64))
 
 
 def collate_region_texts(items: Sequence[ImageRegionTexts]) -> tuple[list[str], np.ndarray, np.ndarray]:
