@@ -105,15 +105,15 @@ def load_phantom_segmentation(
         labels: ``right lung``, ``left lung``, ``heart`` and / or finding labels the generator draws (e.g.
             ``pneumothorax``: the union of that finding's masks, empty where the image has none).
     """
-    from train.data.phantom import FINDING_WEIGHTS
+    from train.data.phantom import DRAWN_FINDINGS
 
     root, split = Path(root), mimic.split_name(split)
     labels = list(labels)
-    unknown = [name for name in labels if name not in PHANTOM_ANATOMY_LABELS and name not in FINDING_WEIGHTS]
+    unknown = [name for name in labels if name not in PHANTOM_ANATOMY_LABELS and name not in DRAWN_FINDINGS]
     if not labels or unknown or len(set(labels)) != len(labels):
         raise ValueError(
             f"load_phantom_segmentation: labels must be unique names from {list(PHANTOM_ANATOMY_LABELS)} or the "
-            f"phantom findings {list(FINDING_WEIGHTS)}; got {labels!r}"
+            f"phantom findings {list(DRAWN_FINDINGS)}; got {labels!r}"
         )
     mimic_dir, masks_dir = root / "mimic-cxr-jpg", root / "phantom" / "masks"
     if not masks_dir.is_dir():

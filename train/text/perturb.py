@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -268,6 +269,7 @@ def _negate(text: str, low: str, target, covering: list, triggers: list) -> str 
 PERTURBERS = {"negation": flip_negation, "laterality": swap_laterality, "severity": swap_severity}
 
 
+@lru_cache(maxsize=2**16)  # the collator asks again for the same report phrases every epoch
 def _meaning(text: str) -> frozenset:
     return frozenset((m.finding, m.present, m.region, m.severity) for m in parse_report(text))
 

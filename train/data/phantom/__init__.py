@@ -24,7 +24,7 @@ Usage::
     python -m train.data.phantom --out DIR --n 1000 --seed 0 [--size 512] [--workers K]
 """
 
-from train.data.phantom.findings import FINDING_WEIGHTS, Finding
+from train.data.phantom.findings import DRAWN_FINDINGS, FINDING_WEIGHTS, Finding
 from train.data.phantom.ids import make_ids, split_of, subject_key
 from train.data.phantom.layout import (
     CHEXMASK_COLUMNS, GENERATOR_VERSION, METADATA_COLUMNS, generate_dataset, main,
@@ -34,7 +34,7 @@ from train.data.phantom.render import Phantom, render_phantom
 from train.data.phantom.report import CHEXPERT_COLUMNS
 
 __all__ = [
-    "CHEXMASK_COLUMNS", "CHEXPERT_COLUMNS", "FINDING_WEIGHTS", "Finding", "GENERATOR_VERSION", "METADATA_COLUMNS",
+    "CHEXMASK_COLUMNS", "CHEXPERT_COLUMNS", "DRAWN_FINDINGS", "FINDING_WEIGHTS", "Finding", "GENERATOR_VERSION", "METADATA_COLUMNS",
     "Phantom", "generate_dataset", "load_masks", "main", "make_ids", "mask_box", "render_phantom", "save_masks",
     "split_of", "subject_key",
 ]

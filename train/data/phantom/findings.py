@@ -25,7 +25,12 @@ FINDING_WEIGHTS = {
     "endotracheal tube": 0.6,
     "enteric tube": 0.6,
 }
-assert all(label in DEFAULT_FINDINGS for label in FINDING_WEIGHTS)
+# Incidental findings and the fraction of images that get one: drawn with a generator of their own
+# (`sample_incidental_findings`), so the images without one are the same as before they were added. The quickstart
+# withholds "calcified nodule" from training (`data.unseen_findings`) and scores it by name.
+INCIDENTAL_RATES = {"calcified nodule": 0.08}
+DRAWN_FINDINGS = (*FINDING_WEIGHTS, *INCIDENTAL_RATES)  # every label this generator draws
+assert all(label in DEFAULT_FINDINGS for label in DRAWN_FINDINGS)
 assert "costophrenic angle blunting" in DEFAULT_FINDINGS
 
 
@@ -85,6 +90,17 @@ def sample_findings(rng: np.random.Generator) -> list[dict]:
     return specs
 
 
+def sample_incidental_findings(seed: int, index: int, size: int) -> list[dict]:
+    """The incidental finding specs of image `index` (`INCIDENTAL_RATES`), from a generator of their own."""
+    rng = np.random.default_rng([int(seed), int(index), int(size), 1])
+    specs = []
+    for label, rate in INCIDENTAL_RATES.items():
+        if rng.random() < rate:
+            side = "right" if rng.random() < 0.5 else "left"
+            specs.append({"label": label, "side": side, "severity": None, "zone": str(rng.choice(["upper", "mid", "lower"]))})
+    return specs
+
+
 def _pick_point(mask_box_region: np.ndarray, rng, fr: Frame, box):
     x1, y1, x2, y2 = box
     sub = mask_box_region[y1:y2, x1:x2]
@@ -108,10 +124,15 @@ def draw_findings(fr, p, fields, boxes, masks, specs, rng, blobs):
         label, side, sev = spec["label"], spec["side"], spec["severity"]
         sev_k = {"mild": 0, "moderate": 1, "severe": 2}.get(sev, 1)
         items = []  # (side, region, regions, soft, amp, clip_draw)
-        if label in ("lung opacity", "consolidation", "mass/nodule (not otherwise specified)", "atelectasis"):
+        if label in ("lung opacity", "consolidation", "mass/nodule (not otherwise specified)", "atelectasis",
+                     "calcified nodule"):
             region = f"{side} {zone_name[spec['zone']]}"
             cxp, cyp = _pick_point(masks[f"{side} lung"], rng, fr, boxes[region])
-            if label == "mass/nodule (not otherwise specified)":
+            if label == "calcified nodule":  # small, dense as bone, sharp-edged
+                r = 0.03 * rng.uniform(0.85, 1.15)
+                soft = fr.soft(np.sqrt((X - cxp) ** 2 + (Y - cyp) ** 2) - r, 1.5)
+                amp = 0.45
+            elif label == "mass/nodule (not otherwise specified)":
                 r = (0.045 if spec["size"] == "small" else 0.085) * rng.uniform(0.85, 1.15)
                 soft = fr.soft(np.sqrt((X - cxp) ** 2 + (Y - cyp) ** 2) - r, 0.6)
                 amp = 0.3

@@ -24,14 +24,14 @@ from PIL import Image
 
 from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS
 from train.data.mimic import CHEXPERT_CSV, METADATA_CSV, SPLIT_CSV, study_path
-from train.data.phantom.findings import FINDING_WEIGHTS
+from train.data.phantom.findings import DRAWN_FINDINGS
 from train.data.phantom.ids import avoided, make_ids
 from train.data.phantom.masks import save_masks
 from train.data.phantom.render import RENDER_FACTOR, render_phantom
 from train.data.phantom.report import CHEXPERT_COLUMNS
 from train.data.rle import chexmask_rle_encode as rle_encode
 
-GENERATOR_VERSION = "phantom-1.0"
+GENERATOR_VERSION = "phantom-1.1"
 METADATA_COLUMNS = (
     "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning", "ViewCodeSequence_CodeMeaning",
@@ -164,7 +164,7 @@ def generate_dataset(out_dir, n: int, seed: int, size: int = 512, workers: int =
     rows.sort(key=lambda r: r["index"])
     _write_tables(out_dir, rows)
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "validate", "test")}
-    manifest.update({"complete": True, "splits": counts, "findings": list(FINDING_WEIGHTS),
+    manifest.update({"complete": True, "splits": counts, "findings": list(DRAWN_FINDINGS),
                      "regions": list(ANATOMICAL_REGIONS), "render_factor": RENDER_FACTOR,
                      "box_convention": "pixel x1,y1,x2,y2 with exclusive x2,y2; scene graph 224 copy = aspect-"
                                        "preserving scale by 224/max(H,W) with centred padding",

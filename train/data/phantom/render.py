@@ -11,7 +11,7 @@ from modeling_anatomy_vlm.configuration_anatomy_vlm import ANATOMICAL_REGIONS
 from train.data.phantom.anatomy import (
     Frame, anatomy_params, region_boxes, render_anatomy, sample_patient, smoothstep, upsample_mask,
 )
-from train.data.phantom.findings import Finding, draw_findings, sample_findings
+from train.data.phantom.findings import Finding, draw_findings, sample_findings, sample_incidental_findings
 from train.data.phantom.ids import make_ids, split_of
 from train.data.phantom.report import build_scene_graph, write_report
 
@@ -132,7 +132,7 @@ def render_phantom(index: int, seed: int, size: int = 512) -> Phantom:
     """Render image ``index`` of the set with ``seed`` (deterministic in (seed, index, size))."""
     rng = np.random.default_rng([int(seed), int(index), int(size)])
     patient = sample_patient(seed, index)
-    specs = sample_findings(rng)
+    specs = sample_findings(rng) + sample_incidental_findings(seed, index, size)
     for s in specs:
         if s["label"] == "scoliosis":
             s["convex"] = 1 if rng.random() < 0.5 else -1

@@ -141,6 +141,14 @@ def _finding_sentences(rng, label, group: list[Finding], spec) -> tuple[_Sentenc
         imp = _Sentence(f"{_cap(size)} {f0.side} lung nodule; recommend CT for further evaluation.", "impression",
                         regions, yes, [], [])
         cx = {"Lung Lesion": -1.0 if uncertain else 1.0}
+    elif label == "calcified nodule":  # incidental: named in the findings section only
+        zone = f0.region.split(" ", 1)[1]
+        loc = _choice(rng, ZONE_TEXT[zone]).format(side=f0.side)
+        text = _choice(rng, [f"Calcified nodule in the {loc}.", f"A small calcified nodule is seen in the {loc}.",
+                             f"There is a punctate calcified nodule in the {loc}."])
+        find = _Sentence(text, "findings", regions, yes, [], [])
+        imp = None
+        cx = {"Lung Lesion": 1.0}
     elif label == "elevated hemidiaphragm":
         text = _choice(rng, [f"Elevation of the {side} hemidiaphragm.", f"The {side} hemidiaphragm is elevated.",
                              f"There is mild elevation of the {side} hemidiaphragm.",
@@ -191,7 +199,7 @@ def _finding_sentences(rng, label, group: list[Finding], spec) -> tuple[_Sentenc
 def _negations(rng, findings: list[Finding]) -> list[_Sentence]:
     labels = {f.label for f in findings}
     lung_labels = {"lung opacity", "consolidation", "atelectasis", "pleural effusion", "pneumothorax",
-                   "mass/nodule (not otherwise specified)", "pulmonary edema/hazy opacity"}
+                   "mass/nodule (not otherwise specified)", "pulmonary edema/hazy opacity", "calcified nodule"}
     out = []
     both = ["right lung", "left lung"]
     if not labels & lung_labels:
@@ -280,7 +288,7 @@ def write_report(rng, findings: list[Finding], specs, patient):
     negs = _negations(rng, findings)
     body = positives + negs if rng.random() < 0.6 else negs[:1] + positives + negs[1:]
     if not impressions:
-        if findings:  # only incidental findings (scoliosis / enteric tube)
+        if findings:  # only incidental findings (scoliosis, enteric tube, calcified nodule)
             impressions = [_Sentence("No acute cardiopulmonary process.", "impression")]
         else:
             impressions = [_Sentence(_choice(rng, ["No acute cardiopulmonary process.",
