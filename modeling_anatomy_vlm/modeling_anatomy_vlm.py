@@ -641,17 +641,18 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         (to score other prompts with `region_pair_logits` / `global_logits` without encoding the images again).
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
-        pair_logits = self.region_pair_logits(features["region_embeds"], prompts["pairs"])
-        global_logits = self.global_logits(features["image_embeds"], prompts["global"])
-        return {
-            "pred_boxes": features["pred_boxes"],
-            "region_scores": pair_logits.softmax(-1)[..., 0],
-            "global_scores": global_logits.sigmoid(),
-            "region_log_odds": pair_logits[..., 0] - pair_logits[..., 1],
-            "global_logits": global_logits,
-            "image_embeds": features["image_embeds"],
-            "region_embeds": features["region_embeds"],
-        }
+        return {"pred_boxes": features["pred_boxes"],
+                **self.score_embeddings(features["image_embeds"], features["region_embeds"], prompts),
+                "image_embeds": features["image_embeds"], "region_embeds": features["region_embeds"]}
+
+    def score_embeddings(self, image_embeds: torch.Tensor, region_embeds: torch.Tensor,
+                         prompts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`region_scores`, `global_scores`, `region_log_odds` and `global_logits` (as in `zero_shot_scores`) of
+        already encoded images against `prompt_embeds(...)`: other prompts for the same images cost no forward pass."""
+        pair_logits = self.region_pair_logits(region_embeds, prompts["pairs"])
+        global_logits = self.global_logits(image_embeds, prompts["global"])
+        return {"region_scores": pair_logits.softmax(-1)[..., 0], "global_scores": global_logits.sigmoid(),
+                "region_log_odds": pair_logits[..., 0] - pair_logits[..., 1], "global_logits": global_logits}
 
     @torch.no_grad()
     def interpret(self, images, processor, findings=None, batch_size: int = 8) -> list[dict]:

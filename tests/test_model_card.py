@@ -64,6 +64,24 @@ def test_generated_card_parses_and_carries_every_section(run_dir):
     assert "python -m train.eval.zero_shot" in text and "make compat" in text
 
 
+def test_card_shows_heldout_wording_and_unseen_findings_beside_the_trained_prompts(run_dir):
+    plain = ModelCard.load(write_card(run_dir / "model", path=run_dir / "plain.md")).text
+    assert "Held-out wording" not in plain and "withheld from training" not in plain
+    # metrics.json of train.eval.zero_shot: a section
+    metrics = {**METRICS, "heldout_wording": {"global_auc_macro": 0.734, "region_auc_macro": 0.702}}
+    (run_dir / "evaluation" / "imagenome-test" / "metrics.json").write_text(json.dumps(metrics))
+    text = ModelCard.load(write_card(run_dir / "model", path=run_dir / "a.md")).text
+    assert "Held-out wording: global macro AUC 0.734, anatomy-wise macro AUC 0.702" in text
+    # the quickstart's eval.json: flat keys, and a finding withheld from training
+    quickstart = {"num_images": 9, "global_auc_macro": 0.86, "region_auc_macro": 0.84, "detection_miou": 0.85,
+                  "global_auc_macro_heldout_wording": 0.811, "region_auc_macro_heldout_wording": None,
+                  "global_auc_unseen_findings": {"calcified nodule": 0.642, "hernia": None}}
+    (run_dir / "eval.json").write_text(json.dumps(quickstart))
+    text = ModelCard.load(write_card(run_dir / "model", eval_json=run_dir / "eval.json", path=run_dir / "b.md")).text
+    assert "Held-out wording: global macro AUC 0.811, the same images" in text and "anatomy-wise macro AUC" not in text.split("Held-out")[1][:60]
+    assert "scored by name: calcified nodule global AUC 0.642." in text and "hernia global AUC" not in text
+
+
 def test_card_of_real_data_names_the_data_terms(run_dir):
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump({"data": {"dataset": "imagenome", "root": "/data/x"}}))
     text = ModelCard.load(write_card(run_dir / "model", path=run_dir / "card.md")).text

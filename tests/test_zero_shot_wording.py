@@ -12,8 +12,11 @@ from train.eval.zero_shot import HELDOUT_WORDING
 from train.tasks.anatomy_vlm import training_texts
 from train.text.region_texts import region_texts_for_image
 
-# The test's own reading of "names an enteric tube" (the parser's synonym table is what the code uses).
+# The test's own readings of "names an enteric tube" and "names a calcified nodule" (the parser's synonym tables are
+# what the code uses).
 ENTERIC = re.compile(r"\b(enteric|nasogastric|orogastric|feeding|ng|og|dobhoff)\b[\w\s-]*\btubes?\b", re.IGNORECASE)
+CALCIFIED = re.compile(r"(?<!non-)(?<!non)\bcalcifi(?:ed|c)\s+(?:[\w-]+\s+){0,2}?(?:nodul\w*|granulomas?\b|densit\w*)"
+                       r"|\bgranulom(?:a|as|ata)\b", re.IGNORECASE)
 
 
 def quickstart_texts(phantom_root, unseen=True):
@@ -41,20 +44,22 @@ def test_heldout_wording_occurs_in_no_training_text(phantom_root, dataset_cache)
 
 def test_an_unseen_finding_leaves_every_training_text_but_its_labels_still_count(phantom_root, dataset_cache):
     config, model_config, splits, texts = quickstart_texts(phantom_root)
-    assert config.data.unseen_findings == ["enteric tube"] and "enteric tube" not in model_config.findings
-    assert not [t for t in texts if ENTERIC.search(t) or "enteric" in t.lower()]
+    assert config.data.unseen_findings == ["calcified nodule"] and "calcified nodule" not in model_config.findings
+    assert not [t for t in texts if CALCIFIED.search(t) or "calcified" in t.lower()]
     _, _, _, all_texts = quickstart_texts(phantom_root, unseen=False)
-    assert [t for t in all_texts if ENTERIC.search(t)]  # the phantom reports do name it
-    # an image with an enteric tube: its abdomen is not "normal" though no text about the tube is left
+    assert [t for t in all_texts if CALCIFIED.search(t)]  # the phantom reports do name it
+    # an image with a calcified nodule: its lung zone is not "normal" though no text about the nodule is left
     rows = [row for split in splits for row in split.select_columns(["region_phrases"])["region_phrases"]]
-    with_tube = next(region_phrases_of(row) for row in rows
-                     if any(ENTERIC.search(item["phrase"]) and item["region"] == "abdomen" for item in row))
-    only_tube = {"abdomen": [entry for entry in with_tube["abdomen"] if ENTERIC.search(entry[0])]}
-    item = region_texts_for_image(only_tube, np.random.default_rng(0), findings=model_config.findings,
-                                  region_names=model_config.region_names, unseen_findings=frozenset(["enteric tube"]))
-    abdomen = list(model_config.region_names).index("abdomen")
-    assert "the abdomen is normal" in item.negatives[abdomen] and "the abdomen is normal" not in item.positives[abdomen]
-    assert not [t for t in (*item.positives[abdomen], *item.negatives[abdomen]) if ENTERIC.search(t)]
+    item_of = next(item for row in rows for item in row
+                   if CALCIFIED.search(item["phrase"]) and item["region"].endswith("lung zone"))
+    region = item_of["region"]
+    only_nodule = region_phrases_of([item_of])
+    item = region_texts_for_image(only_nodule, np.random.default_rng(0), findings=model_config.findings,
+                                  region_names=model_config.region_names, unseen_findings=frozenset(["calcified nodule"]))
+    index = list(model_config.region_names).index(region)
+    normal = f"the {region} is normal"
+    assert normal in item.negatives[index] and normal not in item.positives[index]
+    assert not [t for t in (*item.positives[index], *item.negatives[index]) if CALCIFIED.search(t)]
 
 
 def test_real_report_sentences_about_tubes_are_withheld(real_reports):
@@ -72,3 +77,19 @@ def test_real_report_sentences_about_tubes_are_withheld(real_reports):
     other_tubes = [s for s in sentences if re.search(r"endotracheal|picc|chest tube|catheter", s, re.I)
                    and not ENTERIC.search(s)]
     assert other_tubes and not [s for s in other_tubes if names_unseen_finding(s, (), unseen)]
+
+
+def test_real_report_sentences_about_calcified_nodules_are_withheld(real_reports):
+    """On the real Open-i reports: every sentence naming a calcified nodule or a granuloma is kept out of training
+    when "calcified nodule" (the quickstart's unseen finding) is, and sentences about other nodules are not."""
+    from tests.test_real_sentences_training import real_sentences
+    from train.text.region_texts import names_unseen_finding
+
+    sentences = real_sentences(real_reports, max_reports=4000)
+    unseen = frozenset(["calcified nodule"])
+    about_it = [s for s in sentences if CALCIFIED.search(s)]
+    assert len(about_it) >= 20
+    assert all(names_unseen_finding(s, (), unseen) for s in about_it), [
+        s for s in about_it if not names_unseen_finding(s, (), unseen)]
+    other_nodules = [s for s in sentences if re.search(r"\bnodul|\bmass\b", s, re.I) and not re.search(r"calcif|granulom", s, re.I)]
+    assert len(other_nodules) >= 5 and not [s for s in other_nodules if names_unseen_finding(s, (), unseen)]

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 logger = logging.getLogger("anatomy_vlm.train")
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint whose state parses is complete
@@ -79,6 +80,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         except IncompleteCheckpoint as err:
             logger.warning("skipping %s", err)
     return None
+
+
+def trained_with(output_dir: Path, cfg: dict) -> bool:
+    """Whether the run in `output_dir` was started with the config `cfg` (its dict form): the loop saves it as
+    `train_config.yaml`, and outputs of another config must not be reused or resumed."""
+    saved = Path(output_dir) / "train_config.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text()) == cfg
 
 
 def _fsync(path: Path) -> None:

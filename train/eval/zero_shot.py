@@ -178,9 +178,9 @@ def predict(model, processor, dataset, findings=None, batch_size: int = 32, prog
         for key in ("region_log_odds", "global_logits", "image_embeds"):
             out[key].append(scores[key].float().cpu().numpy())
         for name, other in other_prompts.items():
-            reworded[name][0].append(model.global_logits(scores["image_embeds"], other["global"]).sigmoid().cpu().numpy())
-            pair_logits = model.region_pair_logits(scores["region_embeds"], other["pairs"])
-            reworded[name][1].append(pair_logits.softmax(-1)[..., 0].cpu().numpy())
+            other_scores = model.score_embeddings(scores["image_embeds"], scores["region_embeds"], other)
+            reworded[name][0].append(other_scores["global_scores"].float().cpu().numpy())
+            reworded[name][1].append(other_scores["region_scores"].float().cpu().numpy())
         out["image_statistics"].append(image_statistics(pixel_values, sizes, processor.image_processor).numpy())
     if not out["image_ids"]:
         raise ValueError("evaluate: no readable images in the split")

@@ -36,12 +36,10 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 
 from train.config import DEFAULT_CONFIG, REPO_ROOT, from_dict, load_config
 from train.engine import train
-from train.engine.checkpoint import latest_checkpoint, read_state
+from train.engine.checkpoint import latest_checkpoint, read_state, trained_with
 from train.eval.zero_shot import run_evaluation
 
 # variant name -> (table label, losses of the last stage it keeps besides anatomy and global, images shuffled)
@@ -90,16 +88,11 @@ def variant_config(cfg: dict, name: str, output_dir) -> dict:
     return derived
 
 
-def _trained_with(output_dir: Path, cfg: dict) -> bool:
-    saved = output_dir / "train_config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) == cfg
-
-
 def train_prefix(cfg: dict) -> Path:
     """Train (or reuse, or resume) the shared stages; returns the checkpoint at their end."""
     output_dir = Path(cfg["training"]["output_dir"])
     stop = cfg["training"]["stop_after_steps"]
-    checkpoint = latest_checkpoint(output_dir) if _trained_with(output_dir, cfg) else None
+    checkpoint = latest_checkpoint(output_dir) if trained_with(output_dir, cfg) else None
     if checkpoint is not None and read_state(checkpoint)["global_step"] == stop:
         print(f"ablation: {checkpoint} holds the shared stages of this config; reusing it")
         return checkpoint
@@ -116,7 +109,7 @@ def train_variant(cfg: dict, prefix: Path) -> Path:
     `TextEmbeddingCache.load_or_build` still checks the encoder fingerprint and embeds any text it lacks)."""
     output_dir = Path(cfg["training"]["output_dir"])
     model_dir = output_dir / "model"
-    if _trained_with(output_dir, cfg) and (model_dir / "model.safetensors").is_file():
+    if trained_with(output_dir, cfg) and (model_dir / "model.safetensors").is_file():
         print(f"ablation: {model_dir} was trained with this config; reusing it")
         return model_dir
     shutil.rmtree(output_dir, ignore_errors=True)

@@ -25,12 +25,10 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 
 from train.config import DEFAULT_CONFIG, load_config, resolve_path
 from train.engine import train
-from train.engine.checkpoint import latest_checkpoint
+from train.engine.checkpoint import latest_checkpoint, trained_with
 from train.eval.calibration import calibrate_checkpoint, format_report
 from train.eval.zero_shot import evaluate_checkpoint, format_number, load_checkpoint
 
@@ -52,8 +50,7 @@ def main(argv=None) -> dict:
     if args.fresh:
         shutil.rmtree(output_dir, ignore_errors=True)
 
-    saved_config = output_dir / "train_config.yaml"
-    same_config = saved_config.is_file() and yaml.safe_load(saved_config.read_text()) == cfg
+    same_config = trained_with(output_dir, cfg)
     if same_config and (model_dir / "model.safetensors").is_file():
         print(f"quickstart: {model_dir} was trained with this config; evaluating it (--fresh retrains)")
     else:

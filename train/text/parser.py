@@ -77,7 +77,8 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
         r"nodular opacit(?:y|ies)", r"nodular densit(?:y|ies)", r"mass(?:es)?",
         r"(?:cavitary|pulmonary|lung|parenchymal|spiculated) lesions?", r"cavitation",
     ),
-    "calcified nodule": (r"calcified (?:[\w-]+\s+){0,3}?(?:nodules?|nodular densit(?:y|ies))", r"calcified densit(?:y|ies)"),
+    "calcified nodule": (r"calcifi(?:ed|c) (?:[\w-]+\s+){0,3}?(?:nodules?|nodular densit(?:y|ies))",
+                         r"calcifi(?:ed|c) densit(?:y|ies)(?: nodules?)?"),
     "granulomatous disease": (
         r"(?:prior |old |previous |remote )?granulomatous (?:disease|infection|exposure|process|changes?)",
         r"histoplasmosis(?: infection)?",
