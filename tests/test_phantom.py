@@ -321,3 +321,29 @@ def test_ids_unique_and_split_fractions():
     splits = [P.split_of(0, i) for i in range(4000)]
     frac = {s: splits.count(s) / len(splits) for s in ("train", "validate", "test")}
     assert 0.74 < frac["train"] < 0.86 and 0.06 < frac["validate"] < 0.14 and 0.06 < frac["test"] < 0.14
+
+
+def test_incidental_calcified_nodule_is_drawn_named_and_leaves_other_images_as_they_were(monkeypatch):
+    from train.data.phantom import findings as phantom_findings
+    from train.text.parser import parse_report
+
+    rendered = [P.render_phantom(i, 3, 256) for i in range(60)]
+    with_nodule = [ph for ph in rendered if any(f.label == "calcified nodule" for f in ph.findings)]
+    assert 1 <= len(with_nodule) <= 15  # about 8 % of images
+    for ph in with_nodule:
+        nodule = next(f for f in ph.findings if f.label == "calcified nodule")
+        assert nodule.region.endswith("lung zone") and nodule.regions[-1] == f"{nodule.side} lung"
+        mask = ph.masks[nodule.mask_key]
+        lung = ph.masks[f"{nodule.side} lung"] & ~mask
+        assert 4 <= mask.sum() <= 80 and ph.image[mask].mean() > ph.image[lung].mean() + 40  # a small, dense dot
+        sentence = next(s for s in re.split(r"(?<=\.)\s+", ph.report) if "calcified nodule" in s.lower())
+        assert {(m.finding, m.present) for m in parse_report(sentence)} == {("calcified nodule", True)}
+        flat = [a for e in ph.scene_graph["attributes"] if e["bbox_name"] == nodule.region for attrs in e["attributes"]
+                for a in attrs]
+        assert "anatomicalfinding|yes|calcified nodule" in flat
+    # without incidental findings the generator draws exactly what it drew before they were added
+    monkeypatch.setattr(phantom_findings, "INCIDENTAL_RATES", {})
+    for index, ph in enumerate(rendered[:20]):
+        again = P.render_phantom(index, 3, 256)
+        same = again.image.tobytes() == ph.image.tobytes() and again.report == ph.report
+        assert same == (ph not in with_nodule)

@@ -25,8 +25,8 @@ Systems: (a) `parse_report`; (b) a keyword baseline (`KEYWORDS` by substring, ne
 (c) our finding matcher and regions with the status from a spaCy ConText/NegEx component and its default rules;
 (d) the rules with a finding also negated when (c) negates it.
 
-Result (measured with the command above at the commit that added "calcific" to the calcified-nodule synonyms;
-real-test first measured once, after development had ended; the rows marked * at that earlier commit):
+Result (measured with the command above at 49eeba1, which added "calcific" to the calcified-nodule synonyms;
+real-test was first measured once, after development had ended; the rows marked * before 49eeba1):
 
     system                         split          F1      P      R    lat lat+null  gold n_lat
     (a) rules                      tuned       0.981  0.962  1.000  1.000    1.000   256   126
