@@ -638,7 +638,7 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
         prompt pair "<finding> in the <region>" / "no <finding> in the <region>") and `global_scores` `[B, F]`
         (sigmoid of the image-vs-finding logit); the logits under them, `region_log_odds` `[B, Q, F]` and
         `global_logits` `[B, F]` (what calibration scales), `image_embeds` `[B, D]` and `region_embeds` `[B, Q, D]`
-        (to score other prompts with `region_pair_logits` / `global_logits` without encoding the images again).
+        (to score other prompts with `score_embeddings` without encoding the images again).
         """
         features = self.encode_image(pixel_values.to(self.text_projection.weight.device, self.text_projection.weight.dtype))
         return {"pred_boxes": features["pred_boxes"],

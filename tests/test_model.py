@@ -370,3 +370,19 @@ def test_training_and_zero_shot_scoring_ensemble_prompt_wordings_alike(tiny_mode
     expected = torch.nn.functional.binary_cross_entropy(scores["region_scores"][known], labels[known])
     torch.testing.assert_close(output.loss_region, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(single.global_logits, scores["global_logits"], atol=1e-3)  # the wordings matter
+
+
+def test_other_prompts_score_encoded_images_as_a_new_forward_pass_would(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    pixels = torch.randn(2, 3, 64, 64)
+    first = model.prompt_embeds(["pleural effusion"], processor.tokenizer)
+    other = model.prompt_embeds(["pneumothorax", "a calcified nodule"], processor.tokenizer)
+    with torch.no_grad():
+        scores = model.zero_shot_scores(pixels, first)
+        reused = model.score_embeddings(scores["image_embeds"], scores["region_embeds"], other)
+        fresh = model.zero_shot_scores(pixels, other)
+    assert reused["region_scores"].shape == (2, 29, 2) and reused["global_logits"].shape == (2, 2)
+    for key in ("region_scores", "global_scores", "region_log_odds", "global_logits"):
+        torch.testing.assert_close(reused[key], fresh[key])
+    torch.testing.assert_close(reused["global_scores"], reused["global_logits"].sigmoid())
+    assert not torch.allclose(reused["global_logits"][:, 0], scores["global_logits"][:, 0])  # other prompts, other scores

@@ -346,4 +346,4 @@ def test_incidental_calcified_nodule_is_drawn_named_and_leaves_other_images_as_t
     for index, ph in enumerate(rendered[:20]):
         again = P.render_phantom(index, 3, 256)
         same = again.image.tobytes() == ph.image.tobytes() and again.report == ph.report
-        assert same == (ph not in with_nodule)
+        assert same == (index not in {nodule_image.index for nodule_image in with_nodule})

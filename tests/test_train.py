@@ -15,7 +15,7 @@ from conftest import ROOT, tiny_config, tiny_train_config
 from modeling_anatomy_vlm import AnatomyVLMModel
 from train import config as train_config
 from train.engine import train
-from train.engine.checkpoint import latest_checkpoint
+from train.engine.checkpoint import latest_checkpoint, trained_with
 from train.engine.optim import param_groups, staged_schedule
 from train.engine.precision import resolve_mixed_precision
 from train.tasks.anatomy_vlm import AnatomyVLMTask
@@ -416,3 +416,13 @@ def test_training_compile_gives_the_eager_losses_and_gradients(phantom_root, tmp
     assert grads.keys() == eager_grads.keys() and len(grads) > 10
     for name in grads:
         torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_trained_with_compares_the_saved_run_config(tmp_path):
+    cfg = tiny_train_config(tmp_path / "data", tmp_path / "run")
+    assert not trained_with(tmp_path / "run", cfg)  # nothing saved yet
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert trained_with(tmp_path / "run", cfg)
+    other = {**cfg, "stages": [{**cfg["stages"][0], "steps": 3}, *cfg["stages"][1:]]}
+    assert not trained_with(tmp_path / "run", other)

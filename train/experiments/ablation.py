@@ -36,7 +36,6 @@ import json
 import shutil
 from pathlib import Path
 
-
 from train.config import DEFAULT_CONFIG, REPO_ROOT, from_dict, load_config
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint, read_state, trained_with

@@ -25,7 +25,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from train.config import DEFAULT_CONFIG, load_config, resolve_path
 from train.engine import train
 from train.engine.checkpoint import latest_checkpoint, trained_with

@@ -333,7 +333,8 @@ def _zero_shot_beside_lines(metrics: dict) -> list[str]:
                       "text contains (`HELDOUT_WORDING` of `train.eval.zero_shot`). The prompts above are training "
                       "texts, so the table partly measures a head trained on its own wording; this measures transfer "
                       "to new wording."]
-    unseen = {name: value for name, value in (metrics.get("global_auc_unseen_findings") or {}).items() if _finite(value)}
+    unseen = {name: value for name, value in (metrics.get("global_auc_unseen_findings") or {}).items()
+              if _finite(value)}
     if unseen:
         lines += ["", "Findings withheld from training (`data.unseen_findings`: never named in a training text), "
                       "scored by name: " + ", ".join(f"{name} global AUC {value:.3f}" for name, value in unseen.items())
@@ -377,7 +378,7 @@ def _compute_text(train_cfg: dict | None, metrics: dict | None) -> str:
     if not parts:
         parts.append("Not recorded with this checkpoint.")
     parts.append("For reference, `make quickstart` (the phantom configuration, 1,650 training steps in fp32) took "
-                 "19 min 35 s to 30 min 1 s wall on the same 2-core CPU on a fast and a slow day, set-up included "
+                 "19 min 35 s to 30 min 1 s wall on one 2-core CPU on a fast and a slow day, set-up included "
                  "(the project's README, \"Results\").")
     return " ".join(parts)
 

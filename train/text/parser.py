@@ -78,7 +78,9 @@ FINDING_SYNONYMS: dict[str | None, tuple[str, ...]] = {
         r"(?:cavitary|pulmonary|lung|parenchymal|spiculated) lesions?", r"cavitation",
     ),
     "calcified nodule": (r"calcifi(?:ed|c) (?:[\w-]+\s+){0,3}?(?:nodules?|nodular densit(?:y|ies))",
-                         r"calcifi(?:ed|c) densit(?:y|ies)(?: nodules?)?"),
+                         # not a density the sentence puts on a valve or vessel ("... mitral annular calcification")
+                         r"calcifi(?:ed|c) densit(?:y|ies)(?: nodules?)?"
+                         r"(?![^.;]*\b(?:mitral|annul|aort|valv|atheroscl|arter|vascular|vessel))"),
     "granulomatous disease": (
         r"(?:prior |old |previous |remote )?granulomatous (?:disease|infection|exposure|process|changes?)",
         r"histoplasmosis(?: infection)?",

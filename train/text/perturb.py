@@ -269,7 +269,7 @@ def _negate(text: str, low: str, target, covering: list, triggers: list) -> str 
 PERTURBERS = {"negation": flip_negation, "laterality": swap_laterality, "severity": swap_severity}
 
 
-@lru_cache(maxsize=2**16)  # the collator asks again for the same report phrases every epoch
+@lru_cache(maxsize=2**16)  # report phrases repeat across the images a loader worker collates
 def _meaning(text: str) -> frozenset:
     return frozenset((m.finding, m.present, m.region, m.severity) for m in parse_report(text))
 

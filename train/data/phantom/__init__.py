@@ -12,8 +12,9 @@ Conventions
 * "right" is the patient's right = the LEFT side of the image.
 * Boxes are pixel boxes ``(x1, y1, x2, y2)`` with exclusive ``x2``/``y2`` (``width = x2 - x1``), inside
   ``[0, W] x [0, H]`` and non-degenerate.
-* Image ``i`` of a set uses its own RNG seeded from ``(seed, i)``; its patient (two studies per subject)
-  uses one seeded from ``(seed, subject key)``: output does not depend on the worker count.
+* Image ``i`` of a set uses its own RNG seeded from ``(seed, i, size)`` (its incidental findings a second one,
+  ``(seed, i, size, 1)``); its patient (two studies per subject) uses one seeded from ``(seed, subject key)``:
+  output does not depend on the worker count.
 
 Modules: `anatomy` (canonical frame, patient, anatomy, region boxes), `findings` (sampling and drawing),
 `report` (report, CheXpert labels, scene graph), `render` (one image: `render_phantom`), `ids` (ids, splits),
@@ -34,7 +35,8 @@ from train.data.phantom.render import Phantom, render_phantom
 from train.data.phantom.report import CHEXPERT_COLUMNS
 
 __all__ = [
-    "CHEXMASK_COLUMNS", "CHEXPERT_COLUMNS", "DRAWN_FINDINGS", "FINDING_WEIGHTS", "Finding", "GENERATOR_VERSION", "METADATA_COLUMNS",
+    "CHEXMASK_COLUMNS", "CHEXPERT_COLUMNS", "DRAWN_FINDINGS", "FINDING_WEIGHTS", "Finding", "GENERATOR_VERSION",
+    "METADATA_COLUMNS",
     "Phantom", "generate_dataset", "load_masks", "main", "make_ids", "mask_box", "render_phantom", "save_masks",
     "split_of", "subject_key",
 ]

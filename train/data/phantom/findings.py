@@ -97,7 +97,8 @@ def sample_incidental_findings(seed: int, index: int, size: int) -> list[dict]:
     for label, rate in INCIDENTAL_RATES.items():
         if rng.random() < rate:
             side = "right" if rng.random() < 0.5 else "left"
-            specs.append({"label": label, "side": side, "severity": None, "zone": str(rng.choice(["upper", "mid", "lower"]))})
+            zone = str(rng.choice(["upper", "mid", "lower"]))
+            specs.append({"label": label, "side": side, "severity": None, "zone": zone})
     return specs
 
 
