@@ -96,6 +96,7 @@ _DEFAULT_VISION_CONFIG = {
 SUPPORTED_VISION_TYPES = ("vit", "dinov2")
 PATCH_EMBEDDINGS = ("linear", "conv")
 EMBEDDING_POOLING = ("box", "paper")  # see `embedding_pooling`
+FINE_LOSS_DIRECTIONS = ("image_to_text", "text_to_image", "both")  # see `fine_loss_direction`
 
 # Objective weights were config fields until the stage YAML took them over (`AnatomyVLMModel.forward`'s
 # `loss_weights`); configs saved before still carry them, so they are accepted and dropped.
@@ -143,6 +144,12 @@ class AnatomyVLMConfig(PreTrainedConfig):
             How the vision tower's tokens become the joint-space embeddings. `"box"`: a region is its anatomy token
             + the mean of the patch tokens inside its predicted box, the image is [CLS] + the max over patch tokens.
             `"paper"` (PAPER.md): a region is its anatomy token + the mean of all patch tokens, the image is [CLS].
+        fine_loss_direction (`str`, *optional*, defaults to `"image_to_text"`):
+            Which way the region-phrase InfoNCE (`loss_fine`) contrasts. `"image_to_text"` (PAPER.md): each region
+            of each image against the batch's texts, several of them true. `"text_to_image"`: each text, at each
+            region, against the same region of the batch's other images; its negatives share the text and the
+            region, so no model that does not look at the pixels can do better than chance on it. `"both"`: the
+            mean of the two.
         region_names (`list[str]`, *optional*):
             The anatomy regions, one learnable query each; defaults to the 29 Chest ImaGenome regions.
         findings (`list[str]`, *optional*):
@@ -175,6 +182,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         text_trust_remote_code: bool = False,
         text_pooling: str = "mean",
         embedding_pooling: str = "box",
+        fine_loss_direction: str = "image_to_text",
         region_names=None,
         findings=None,
         projection_dim: int = 512,
@@ -200,6 +208,7 @@ class AnatomyVLMConfig(PreTrainedConfig):
         self.text_trust_remote_code = text_trust_remote_code
         self.text_pooling = text_pooling
         self.embedding_pooling = embedding_pooling
+        self.fine_loss_direction = fine_loss_direction
         self.region_names = list(region_names if region_names is not None else ANATOMICAL_REGIONS)
         self.findings = list(findings if findings is not None else DEFAULT_FINDINGS)
         self.projection_dim = projection_dim
@@ -253,6 +262,8 @@ class AnatomyVLMConfig(PreTrainedConfig):
             fail(f"text_pooling must be one of {TEXT_POOLING_MODES}, got {self.text_pooling!r}")
         if self.embedding_pooling not in EMBEDDING_POOLING:
             fail(f"embedding_pooling must be one of {EMBEDDING_POOLING}, got {self.embedding_pooling!r}")
+        if self.fine_loss_direction not in FINE_LOSS_DIRECTIONS:
+            fail(f"fine_loss_direction must be one of {FINE_LOSS_DIRECTIONS}, got {self.fine_loss_direction!r}")
         if not self.region_names:
             fail("region_names must not be empty")
         if len(set(self.region_names)) != len(self.region_names):

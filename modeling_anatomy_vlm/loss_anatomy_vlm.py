@@ -88,12 +88,16 @@ def region_phrase_contrastive_loss(
     positive_mask: torch.Tensor,
     negative_mask: torch.Tensor | None = None,
     text_ids: torch.Tensor | None = None,
+    direction: str = "image_to_text",
 ) -> torch.Tensor:
     """InfoNCE between region embeddings and phrase embeddings with explicit positives and negatives.
 
-    For every (image, region) row with at least one positive phrase:
-    `-log( sum_pos exp(logit) / sum_{pos + neg} exp(logit) )` (several positives allowed, as one phrase can
-    describe several regions). Texts that are neither positive nor negative for a row are ignored.
+    `direction="image_to_text"` (the paper): for every (image, region) row with at least one positive phrase,
+    `-log( sum_pos exp(logit) / sum_{pos + neg} exp(logit) )` over the texts (several positives allowed, as one
+    phrase can describe several regions). Texts that are neither positive nor negative for a row are ignored.
+    `"text_to_image"`: the same for every (region, text) column with a positive and a negative, over the batch's
+    images: every candidate has the same text at the same region, so only the pixels can rank them.
+    `"both"`: the mean of the two.
 
     A text is never a negative for a region it is positive for: a column whose text is identical to a positive
     column of that row (same `text_ids`) is promoted to positive, and positives are removed from the negatives.
@@ -114,8 +118,17 @@ def region_phrase_contrastive_loss(
     negative_mask = negative_mask.bool() & ~positive_mask
     considered = positive_mask | negative_mask
     neg_inf = torch.finfo(logits.dtype).min
-    log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=-1)  # [B, Q]
-    log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=-1)  # [B, Q]
-    has_positive = positive_mask.any(-1)
-    per_row = (log_denominator - log_numerator) * has_positive
-    return per_row.sum() / has_positive.sum().clamp(min=1)
+    losses = []
+    if direction in ("image_to_text", "both"):
+        log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=-1)  # [B, Q]
+        log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=-1)  # [B, Q]
+        has_positive = positive_mask.any(-1)
+        losses.append(((log_denominator - log_numerator) * has_positive).sum() / has_positive.sum().clamp(min=1))
+    if direction in ("text_to_image", "both"):
+        log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=0)  # [Q, T]
+        log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=0)  # [Q, T]
+        contrasted = positive_mask.any(0) & negative_mask.any(0)
+        losses.append(((log_denominator - log_numerator) * contrasted).sum() / contrasted.sum().clamp(min=1))
+    if not losses:
+        raise ValueError(f"direction must be image_to_text, text_to_image or both, got {direction!r}")
+    return sum(losses) / len(losses)

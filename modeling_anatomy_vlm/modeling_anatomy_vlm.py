@@ -495,7 +495,8 @@ class AnatomyVLMModel(CalibratedModelMixin, AnatomyVLMPreTrainedModel):
             output.region_logits = self.region_logits(features["region_embeds"], phrase_embeds)
             if phrase_positive_mask is not None:
                 losses["fine"] = region_phrase_contrastive_loss(
-                    output.region_logits, phrase_positive_mask, phrase_negative_mask, phrase_ids
+                    output.region_logits, phrase_positive_mask, phrase_negative_mask, phrase_ids,
+                    direction=self.config.fine_loss_direction,
                 )
 
         if region_prompt_text_embeds is not None and region_labels is not None:

@@ -123,3 +123,63 @@ def test_similarities_and_losses_are_fp32_under_bf16_autocast(tiny_model_and_pro
     torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
     assert (eager_bf16.float() - reference).abs().max() > 1e-3  # what bf16 would have given: visibly off
     assert fine.dtype == box.dtype == global_.dtype == torch.float32
+
+
+def test_text_to_image_infonce_hand_computed_over_the_images_of_a_column():
+    logits = torch.tensor([[[2.0, 0.0]], [[1.0, 3.0]], [[0.0, 1.0]]])  # 3 images, 1 region, 2 texts
+    positive = torch.tensor([[[True, True]], [[False, True]], [[False, False]]])
+    negative = torch.tensor([[[False, False]], [[True, False]], [[True, False]]])  # text 1: no negative, skipped
+    loss = region_phrase_contrastive_loss(logits, positive, negative, direction="text_to_image")
+    assert loss.item() == pytest.approx(-math.log(math.e**2 / (math.e**2 + math.e + 1.0)), abs=1e-6)
+    both = region_phrase_contrastive_loss(logits, positive, negative, direction="both")
+    image_to_text = region_phrase_contrastive_loss(logits, positive, negative)
+    assert both.item() == pytest.approx((loss.item() + image_to_text.item()) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="direction"):
+        region_phrase_contrastive_loss(logits, positive, negative, direction="sideways")
+
+
+def _blind_optimum(positive, negative, direction, steps=200):
+    """The lowest L_fine a model reaches that sees region and text but no pixels: one free logit per (region, text),
+    the same for every image, fitted by Adam; and the loss of uniform logits."""
+    table = torch.zeros(positive.shape[1:], requires_grad=True)
+    optimiser = torch.optim.Adam([table], lr=0.3)
+    for _ in range(steps):
+        loss = region_phrase_contrastive_loss(table.expand_as(positive), positive, negative, direction=direction)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    uniform = region_phrase_contrastive_loss(torch.zeros(positive.shape), positive, negative, direction=direction)
+    return loss.item(), uniform.item()
+
+
+def test_without_pixels_text_to_image_fine_loss_stays_at_chance_on_collated_phantom_batches(phantom_root,
+                                                                                              dataset_cache):
+    """On batches the training collator's label generation makes from the phantom scene graphs, a pixel-blind
+    model solves most of the image-to-text L_fine from wording and priors, and none of the text-to-image one."""
+    import numpy as np
+
+    from modeling_anatomy_vlm import AnatomyVLMConfig
+    from train.data.common import region_phrases_of
+    from train.data.imagenome import load_imagenome
+    from train.text.region_texts import (
+        RegionPrompts, region_text_masks, region_text_supervision, region_texts_for_image,
+    )
+
+    config = AnatomyVLMConfig()
+    names, findings = config.region_names, config.findings
+    rows = list(load_imagenome(phantom_root, "train", region_names=names, findings=findings)
+                .select_columns(["region_phrases"]))
+    prompts, rng = RegionPrompts.from_config(config), np.random.default_rng(0)
+    fits = {"image_to_text": [], "text_to_image": []}
+    for batch in range(2):
+        chosen = [rows[i] for i in rng.choice(len(rows), size=16, replace=False)]
+        items = [region_texts_for_image(region_phrases_of(row["region_phrases"]), np.random.default_rng([batch, i]),
+                                        findings=findings, region_names=names, prompts=prompts)
+                 for i, row in enumerate(chosen)]
+        positive, negative = region_text_masks(**region_text_supervision(items).tensors())
+        for direction in fits:
+            fits[direction].append(_blind_optimum(positive, negative, direction))
+    for fitted, uniform in fits["text_to_image"]:
+        assert uniform > 0.3 and fitted == pytest.approx(uniform, rel=1e-4)  # constant over the images: chance
+    for fitted, uniform in fits["image_to_text"]:
+        assert fitted < 0.5 * uniform  # wording and priors alone solve most of it

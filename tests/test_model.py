@@ -386,3 +386,25 @@ def test_other_prompts_score_encoded_images_as_a_new_forward_pass_would(tiny_mod
         torch.testing.assert_close(reused[key], fresh[key])
     torch.testing.assert_close(reused["global_scores"], reused["global_logits"].sigmoid())
     assert not torch.allclose(reused["global_logits"][:, 0], scores["global_logits"][:, 0])  # other prompts, other scores
+
+
+def test_fine_loss_direction_is_read_from_the_config_and_checked():
+    from modeling_anatomy_vlm.loss_anatomy_vlm import region_phrase_contrastive_loss
+
+    with pytest.raises(ValueError, match="fine_loss_direction must be one of"):
+        tiny_config(fine_loss_direction="sideways")
+    torch.manual_seed(0)
+    model = AnatomyVLMModel.from_encoders(tiny_config(fine_loss_direction="text_to_image")).eval()
+    pixels, phrases = torch.randn(3, 3, 64, 64), torch.randn(4, model.config.text_config.hidden_size)
+    positive = torch.zeros(3, 29, 4, dtype=torch.bool)
+    positive[0, 5, 0] = positive[1, 5, 1] = positive[2, 7, 2] = True
+    negative = torch.zeros_like(positive)
+    negative[1:, 5, 0] = negative[0, 5, 1] = negative[:2, 7, 2] = True
+    with torch.no_grad():
+        out = model(pixels, phrase_text_embeds=phrases, phrase_positive_mask=positive, phrase_negative_mask=negative)
+    for direction, compare in (("text_to_image", torch.testing.assert_close), ("image_to_text", None)):
+        expected = region_phrase_contrastive_loss(out.region_logits, positive, negative, direction=direction)
+        if compare:
+            compare(out.loss_fine, expected)
+        else:
+            assert not torch.allclose(out.loss_fine, expected)
