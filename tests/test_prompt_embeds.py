@@ -113,17 +113,22 @@ def test_500_new_findings_through_interpret_stay_within_the_memo_budget():
     budget = 2 * 2**20
     config = dict(vision_config=dict(TINY_VISION), projection_dim=32, findings=["pleural effusion"],
                   text_config=ONE_LAYER_TEXT)
+    # glibc moves its mmap threshold up as large blocks are freed, then keeps later ones in the heap: resident memory
+    # wandered by +-40 MB with no live growth (traced Python objects +0.04 MB). A fixed threshold returns every block
+    # over 64 KB to the system on free, so resident memory follows what is alive (+-0.5 MB over 1,000 findings).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     run = subprocess.run([sys.executable, "-c", MEMO_RUN, json.dumps(config), str(budget)], capture_output=True,
-                         text=True, check=True, timeout=600)
+                         text=True, check=True, timeout=600, env=env)
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     mib = {key: value / 2**20 for key, value in measured.items() if key != "entries"}
     print(f"\n500 new findings, memo budget {budget / 2**20:.0f} MiB: memo at most {mib['largest_memo']:.2f} MiB, "
           f"live tensors +{mib['tensor_growth']:.1f} MiB, resident +{mib['resident_growth']:.1f} MiB "
           f"(the last 250 findings: +{mib['resident_growth_last_250']:.1f} MiB)")
-    # 500 findings x 59 prompts x 1.5 KB of vectors: 45 MB held without a bound, half of it by the last 250.
+    # 500 findings x 59 prompts x 1.5 KB of vectors: 45 MB held without a bound, of which the last 250 add 25 MB
+    # (measured with max_bytes 1e9); within the budget they add under 0.5 MB.
     assert measured["largest_memo"] <= budget
-    assert measured["tensor_growth"] <= budget
-    assert measured["resident_growth_last_250"] <= budget + 16 * 2**20  # allocator noise
+    assert measured["tensor_growth"] <= budget  # tensors held anywhere else (the memo's table is allocated once)
+    assert measured["resident_growth_last_250"] <= budget + 4 * 2**20
     assert measured["entries"] < 500 * 59
 
 
