@@ -108,6 +108,8 @@ def region_phrase_contrastive_loss(
         negative_mask: `[B, Q, T]` bool; None means every non-positive text is a negative.
         text_ids: `[T]` integer id of each column's text; equal ids mean identical texts.
     """
+    if direction not in ("image_to_text", "text_to_image", "both"):
+        raise ValueError(f"direction must be image_to_text, text_to_image or both, got {direction!r}")
     logits = logits.float()
     positive_mask = positive_mask.bool()
     if text_ids is not None:
@@ -116,19 +118,16 @@ def region_phrase_contrastive_loss(
     if negative_mask is None:
         negative_mask = ~positive_mask
     negative_mask = negative_mask.bool() & ~positive_mask
-    considered = positive_mask | negative_mask
     neg_inf = torch.finfo(logits.dtype).min
+    candidates = logits.masked_fill(~(positive_mask | negative_mask), neg_inf)
+    positives = logits.masked_fill(~positive_mask, neg_inf)
     losses = []
-    if direction in ("image_to_text", "both"):
-        log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=-1)  # [B, Q]
-        log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=-1)  # [B, Q]
+    if direction in ("image_to_text", "both"):  # over the texts of each (image, region) row: [B, Q]
+        per_row = torch.logsumexp(candidates, dim=-1) - torch.logsumexp(positives, dim=-1)
         has_positive = positive_mask.any(-1)
-        losses.append(((log_denominator - log_numerator) * has_positive).sum() / has_positive.sum().clamp(min=1))
-    if direction in ("text_to_image", "both"):
-        log_denominator = torch.logsumexp(logits.masked_fill(~considered, neg_inf), dim=0)  # [Q, T]
-        log_numerator = torch.logsumexp(logits.masked_fill(~positive_mask, neg_inf), dim=0)  # [Q, T]
+        losses.append((per_row * has_positive).sum() / has_positive.sum().clamp(min=1))
+    if direction in ("text_to_image", "both"):  # over the images of each (region, text) column: [Q, T]
+        per_column = torch.logsumexp(candidates, dim=0) - torch.logsumexp(positives, dim=0)
         contrasted = positive_mask.any(0) & negative_mask.any(0)
-        losses.append(((log_denominator - log_numerator) * contrasted).sum() / contrasted.sum().clamp(min=1))
-    if not losses:
-        raise ValueError(f"direction must be image_to_text, text_to_image or both, got {direction!r}")
+        losses.append((per_column * contrasted).sum() / contrasted.sum().clamp(min=1))
     return sum(losses) / len(losses)

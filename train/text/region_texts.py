@@ -405,11 +405,13 @@ def possible_region_texts(
     the normal descriptions and the template hard negatives.
     """
     prompts = prompts or default_region_prompts()
-    texts = set()
+    texts, rewritten = set(), set()
     for entries in region_phrases.values():
         for phrase, triples in entries:
-            if names_unseen_finding(phrase, triples, unseen_findings):
+            # A data set's phrases repeat (the cache gets all of its regions at once): each is rewritten once.
+            if phrase in rewritten or names_unseen_finding(phrase, triples, unseen_findings):
                 continue
+            rewritten.add(phrase)
             texts.add(phrase)
             texts.update(candidate for perturb in PERTURBERS.values() if (candidate := perturb(phrase)))
     for region in region_names:
