@@ -377,8 +377,8 @@ def _compute_text(train_cfg: dict | None, metrics: dict | None) -> str:
                      "run to the end of training (data generation included); the hardware is not recorded.")
     if not parts:
         parts.append("Not recorded with this checkpoint.")
-    parts.append("For reference, `make quickstart` (the phantom configuration, 1,650 training steps in fp32) took "
-                 "19 min 35 s to 30 min 1 s wall on one 2-core CPU on a fast and a slow day, set-up included "
+    parts.append("For reference, `make quickstart` (the phantom configuration, 1,400 training steps in fp32) took "
+                 "18 min 26 s wall on one 2-core CPU, set-up included; the host's speed varies from day to day "
                  "(the project's README, \"Results\").")
     return " ".join(parts)
 

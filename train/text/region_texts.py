@@ -402,7 +402,8 @@ def possible_region_texts(
 
     The text-embedding cache embeds this set (over a data set) once, so training never runs the text tower:
     the report phrases and their meaning-changing rewrites, both prompts of every finding in every region,
-    the normal descriptions and the template hard negatives.
+    the normal descriptions and the template hard negatives. Each distinct phrase is rewritten once, so
+    `perturb.SKIPPED` counts distinct phrases here.
     """
     prompts = prompts or default_region_prompts()
     texts, rewritten = set(), set()
