@@ -7,6 +7,7 @@ import math
 
 from transformers import AutoConfig, PreTrainedConfig
 
+from .loss_anatomy_vlm import FINE_LOSS_DIRECTIONS
 from .text_encoder_anatomy_vlm import (
     EMBEDDED_TEXT_ENCODER,
     TEXT_POOLING_MODES,
@@ -96,7 +97,6 @@ _DEFAULT_VISION_CONFIG = {
 SUPPORTED_VISION_TYPES = ("vit", "dinov2")
 PATCH_EMBEDDINGS = ("linear", "conv")
 EMBEDDING_POOLING = ("box", "paper")  # see `embedding_pooling`
-FINE_LOSS_DIRECTIONS = ("image_to_text", "text_to_image", "both")  # see `fine_loss_direction`
 
 # Objective weights were config fields until the stage YAML took them over (`AnatomyVLMModel.forward`'s
 # `loss_weights`); configs saved before still carry them, so they are accepted and dropped.

@@ -7,6 +7,8 @@ computed in fp32, whatever precision its inputs come in (bf16 under autocast).
 import torch
 import torch.nn.functional as F
 
+FINE_LOSS_DIRECTIONS = ("image_to_text", "text_to_image", "both")  # see `region_phrase_contrastive_loss`
+
 
 def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     cx, cy, w, h = boxes.unbind(-1)
@@ -108,8 +110,8 @@ def region_phrase_contrastive_loss(
         negative_mask: `[B, Q, T]` bool; None means every non-positive text is a negative.
         text_ids: `[T]` integer id of each column's text; equal ids mean identical texts.
     """
-    if direction not in ("image_to_text", "text_to_image", "both"):
-        raise ValueError(f"direction must be image_to_text, text_to_image or both, got {direction!r}")
+    if direction not in FINE_LOSS_DIRECTIONS:
+        raise ValueError(f"direction must be one of {FINE_LOSS_DIRECTIONS}, got {direction!r}")
     logits = logits.float()
     positive_mask = positive_mask.bool()
     if text_ids is not None:
